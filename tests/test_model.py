@@ -1,0 +1,441 @@
+"""model.py: logits parity with transformers (both directions), packed and shared-prompt layouts,
+chunked log-probs, generation, loading errors. Tiny random configs; transformers is a test-only reference."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _sdpa_backend():
+    previous = M.set_attention_backend("sdpa")
+    yield
+    M.set_attention_backend(previous)
+
+
+# --- tiny transformers reference models, one per flag combination ----------------------------------
+
+V = 96
+BASE = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+HF_CONFIGS = {
+    "llama-gqa-untied": ("LlamaConfig", dict(BASE, intermediate_size=48, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                              tie_word_embeddings=False, attention_bias=True,
+                                              rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "llama-tied-headdim": ("LlamaConfig", dict(BASE, intermediate_size=48, num_key_value_heads=4, head_dim=16,
+                                                tie_word_embeddings=True, mlp_bias=True,
+                                                rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                                 "factor": 2.0})),
+    "mistral-window": ("MistralConfig", dict(BASE, intermediate_size=48, num_key_value_heads=1, sliding_window=5,
+                                             tie_word_embeddings=False)),
+    "opt-postln-proj": ("OPTConfig", dict(BASE, ffn_dim=40, word_embed_proj_dim=24, do_layer_norm_before=False,
+                                          tie_word_embeddings=True, pad_token_id=1)),
+    "opt-preln": ("OPTConfig", dict(BASE, ffn_dim=40, do_layer_norm_before=True, tie_word_embeddings=False,
+                                    pad_token_id=1)),
+    "phi-partial": ("PhiConfig", dict(BASE, intermediate_size=40, partial_rotary_factor=0.5,
+                                      tie_word_embeddings=False, hidden_act="gelu_new")),
+}
+
+
+def make_hf(kind):
+    cls_name, kw = HF_CONFIGS[kind]
+    config = getattr(transformers, cls_name)(**kw)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():   # HF inits biases to 0 and norms to 1: randomise all, so a swapped name cannot pass
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2)
+    return hf
+
+
+def ids(B=2, T=12, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """Each reference model saved by transformers, with its logits on a fixed batch."""
+    out = {}
+    for kind in HF_CONFIGS:
+        hf = make_hf(kind)
+        d = tmp_path_factory.mktemp(kind)
+        hf.save_pretrained(d)
+        with torch.no_grad():
+            out[kind] = (d, hf(ids()).logits)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(HF_CONFIGS))
+def test_parity_both_directions(kind, hf_dirs, tmp_path):
+    d, ref = hf_dirs[kind]
+    ours = M.Transformer.from_pretrained(str(d))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids()), ref, atol=1e-4, rtol=1e-4)
+    # and back: our save_pretrained -> transformers
+    ours.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids()).logits, ref, atol=1e-4, rtol=1e-4)
+    if M.ModelConfig.from_hf(json.loads((d / "config.json").read_text())).tie_embeddings:
+        assert ours.lm_head.weight is ours.tok_embeddings.weight
+
+
+def test_old_config_layout(hf_dirs, tmp_path):
+    """Real Hub configs predate transformers 5: top-level rope_theta / partial_rotary_factor, no head_dim."""
+    d, ref = hf_dirs["phi-partial"]
+    cfg = json.loads((d / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg.pop("head_dim", None)
+    cfg.update(rope_theta=rope["rope_theta"], partial_rotary_factor=rope["partial_rotary_factor"])
+    for f in d.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    c = M.load_config(tmp_path)
+    assert (c.rotary_fraction, c.rope_theta, c.head_dim) == (0.5, rope["rope_theta"], 8)
+    with torch.no_grad():
+        torch.testing.assert_close(M.Transformer.from_pretrained(str(tmp_path))(ids()), ref, atol=1e-4, rtol=1e-4)
+    old_llama = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+                 "num_attention_heads": 2, "intermediate_size": 8, "rope_theta": 1e6,
+                 "rope_scaling": {"type": "linear", "factor": 4.0}}
+    c = M.ModelConfig.from_hf(old_llama)
+    assert (c.rope_theta, c.rope_scaling, c.head_dim) == (1e6, 4.0, 4)
+    with pytest.raises(M.ModelConfigError, match="yarn"):
+        M.ModelConfig.from_hf(dict(old_llama, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+
+
+# --- packed layouts ------------------------------------------------------------------------------
+
+def family_models():
+    """Small random models of every family (our own init), incl. window and OPT learned positions."""
+    cfgs = {
+        "llama": M.ModelConfig(family="llama", vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48),
+        "mistral": M.ModelConfig(family="mistral", vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                 ffn_dim=48, sliding_window=4),
+        "opt": M.ModelConfig.from_hf(dict(model_type="opt", **BASE, ffn_dim=40, word_embed_proj_dim=24,
+                                          do_layer_norm_before=False)),
+        "phi": M.ModelConfig.from_hf(dict(model_type="phi", **BASE, intermediate_size=40, partial_rotary_factor=0.5)),
+    }
+    torch.manual_seed(0)
+    models = {k: M.Transformer(c) for k, c in cfgs.items()}
+    with torch.no_grad():   # larger than the 0.02 init, so attention is far from uniform and mask bugs show
+        for m in models.values():
+            for name, p in m.named_parameters():
+                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    return models
+
+
+def pack(seqs_and_splits, shared):
+    """[(prompt, chosen, rejected)] token lists -> input_ids, position_ids, seg_lens of either layout."""
+    ids_, pos, seg = [], [], []
+    for p, c, r in seqs_and_splits:
+        if shared:
+            ids_ += p + c + r
+            pos += list(range(len(p) + len(c))) + list(range(len(p), len(p) + len(r)))
+            seg.append((len(p), len(c), len(r)))
+        else:
+            for a in (c, r):
+                ids_ += p + a
+                pos += list(range(len(p) + len(a)))
+                seg.append((len(p) + len(a), 0, 0))
+    return torch.tensor(ids_), torch.tensor(pos), torch.tensor(seg)
+
+
+def random_pairs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))
+    tok = lambda k: torch.randint(0, V, (k,), generator=g).tolist()
+    return [(tok(lens(1, 9)), tok(lens(2, 8)), tok(lens(2, 8))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "opt", "phi"])
+def test_packed_equals_per_sequence_and_shared_equals_unshared(family):
+    model = family_models()[family]
+    pairs = random_pairs(3)
+    # unshared packed == each sequence alone through forward()
+    x, pos, seg = pack(pairs, shared=False)
+    with torch.no_grad():
+        h = model.packed_hidden(x, pos, seg)
+        alone = torch.cat([model._trunk(s[None], torch.arange(len(s))[None], M.dense_causal_layout(
+            len(s), model.config.sliding_window, "cpu"))[0] for s in x.split(seg[:, 0].tolist())])
+    torch.testing.assert_close(h, alone, atol=1e-5, rtol=1e-5)
+    # shared [p|c|r]: every chosen and rejected token's hidden state equals the unshared one
+    xs, poss, segs = pack(pairs, shared=True)
+    with torch.no_grad():
+        hs = model.packed_hidden(xs, poss, segs)
+    rows_unshared, rows_shared, u, s0 = [], [], 0, 0
+    for p, c, r in pairs:
+        rows_shared += list(range(s0, s0 + len(p) + len(c)))                     # prompt + chosen
+        rows_unshared += list(range(u, u + len(p) + len(c)))
+        rows_shared += list(range(s0 + len(p) + len(c), s0 + len(p) + len(c) + len(r)))   # rejected
+        rows_unshared += list(range(u + 2 * len(p) + len(c), u + 2 * len(p) + len(c) + len(r)))
+        u += 2 * len(p) + len(c) + len(r)
+        s0 += len(p) + len(c) + len(r)
+    torch.testing.assert_close(hs[rows_shared], h[rows_unshared], atol=1e-5, rtol=1e-5)
+
+
+def test_flat_and_grid_masks_agree():
+    """The SDPA path picks one (N, N) mask or per-segment rows by cost; both must give the same result."""
+    model = family_models()["mistral"]
+    pairs = random_pairs(4, seed=3)
+    x, pos, seg = pack(pairs, shared=True)
+    grid = M._sdpa_layout(seg, pos, 4)
+    assert grid.grid[0] == len(seg)                    # several short segments -> per-segment grid
+    flat = M._sdpa_layout(seg[:1], pos[:int(seg[0].sum())], 4)
+    assert flat.grid[0] == 1
+    with torch.no_grad():
+        h_grid = model.packed_hidden(x, pos, seg)
+        n0 = int(seg[0].sum())
+        h_one = model.packed_hidden(x[:n0], pos[:n0], seg[:1])
+    torch.testing.assert_close(h_grid[:n0], h_one, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_mask_rule():
+    """The mask itself, on one segment (p=2, c=2, r=2): rejected rows never see chosen columns."""
+    seg = torch.tensor([[2, 2, 2]])
+    pos = torch.tensor([0, 1, 2, 3, 2, 3])
+    m = M._sdpa_layout(seg, pos, None).mask[0, 0].int()
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0, 0],
+                             [1, 1, 1, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0],
+                             [1, 1, 0, 0, 1, 0],
+                             [1, 1, 0, 0, 1, 1]])
+    assert torch.equal(m, expected)
+    w = M._sdpa_layout(seg, pos, 2).mask[0, 0].int()       # window 2 in position space
+    assert w[5].tolist() == [0, 0, 0, 0, 1, 1] and w[4].tolist() == [0, 1, 0, 0, 1, 0]
+
+
+def test_varlen_layout_indices():
+    """The flash/varlen index tensors (built on CPU; the kernels themselves need CUDA)."""
+    seg = torch.tensor([[2, 1, 2], [3, 0, 0], [1, 2, 1]])
+    lay = M._varlen_layout(seg, None, "varlen", "cpu")
+    assert lay.main_index.tolist() == [0, 1, 2, 5, 6, 7, 8, 9, 10]
+    assert lay.rej_index.tolist() == [3, 4, 11]
+    assert lay.rej_kv_index.tolist() == [0, 1, 3, 4, 8, 11]
+    assert lay.cu_main.tolist() == [0, 3, 6, 9] and lay.cu_rej_q.tolist() == [0, 2, 3]
+    assert lay.cu_rej_k.tolist() == [0, 4, 6] and (lay.max_rej_q, lay.max_rej_k) == (2, 4)
+    perm = torch.cat([lay.main_index, lay.rej_index])
+    assert torch.equal(perm[lay.unperm_index], torch.arange(12))
+
+
+def test_shared_layout_same_loss_and_grads():
+    """Per-token log-probs and their gradients agree between the layouts (the ORPO loss is built from them)."""
+    model = family_models()["opt"]
+    pairs = random_pairs(2, seed=5)
+    grads = []
+    for shared in (False, True):
+        x, pos, seg = pack(pairs, shared)
+        # predict each answer token from the row before it
+        index, tgt, start = [], [], 0
+        for (p, c, r), (sl, cl, rl) in zip(pairs if shared else [q for q in pairs for _ in (0, 1)], seg.tolist()):
+            if shared:
+                index += [start + len(p) - 1] + list(range(start + len(p), start + len(p) + len(c) - 1))
+                tgt += c
+                index += [start + len(p) - 1] + list(range(start + len(p) + len(c), start + sl + cl + rl - 1))
+                tgt += r
+            else:
+                index += list(range(start + len(p) - 1, start + sl - 1))
+                tgt += x[start + len(p):start + sl].tolist()
+            start += sl + cl + rl
+        model.zero_grad()
+        lp = model.token_logps(model.packed_hidden(x, pos, seg), torch.tensor(index), torch.tensor(tgt), chunk_size=7)
+        (lp * torch.linspace(0.5, 1.5, len(lp))).sum().backward()
+        grads.append((lp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (lp0, g0), (lp1, g1) = grads
+    # the unshared order is c then r per pair; the shared order also c then r per pair: same token order
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# --- chunked log-probs ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_token_logps_matches_full(bias):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(20, 16, requires_grad=True)
+    index, targets = torch.randint(0, 20, (13,)), torch.randint(0, 50, (13,))
+    weights = torch.randn(13)
+
+    full = torch.log_softmax(head(hidden[index]).float(), -1).gather(1, targets[:, None]).squeeze(1)
+    ref_grads = torch.autograd.grad((full * weights).sum(), [hidden, *head.parameters()])
+    chunked = M.ChunkedTokenLogps.apply(hidden[index], head.weight, head.bias, targets, 4)
+    grads = torch.autograd.grad((chunked * weights).sum(), [hidden, *head.parameters()])
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, full)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "opt"])
+def test_generate_cache_equals_recompute(family):
+    model = family_models()[family].eval()
+    with torch.no_grad():
+        for p in model.parameters():      # sharper distributions: greedy ties are impossible
+            p.mul_(3.0) if p.dim() == 2 else None
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [20, 21, 22]]
+    got = model.generate(prompts, max_new_tokens=6, temperature=0)
+    for p, new in zip(prompts, got):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(6):
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert new == seq[len(p):]
+
+
+def test_generate_eos_top_p_and_sampling():
+    model = family_models()["llama"].eval()
+    g = lambda: torch.Generator().manual_seed(0)
+    a = model.generate([[1, 2], [3, 4, 5]], max_new_tokens=5, temperature=1.0, top_p=0.9, generator=g())
+    b = model.generate([[1, 2], [3, 4, 5]], max_new_tokens=5, temperature=1.0, top_p=0.9, generator=g())
+    assert a == b and all(len(x) == 5 for x in a)
+    first = model.generate([[1, 2]], max_new_tokens=5, temperature=0)[0]
+    stopped = model.generate([[1, 2]], max_new_tokens=5, temperature=0, eos_id=first[1])[0]
+    assert stopped == first[:first.index(first[1]) + 1]
+    logits = torch.tensor([[5.0, 4.0, -10.0, -10.0]])     # top_p 0.5 keeps only the argmax
+    assert M.sample_next(logits, 1.0, 0.5, g()).tolist() == [0]
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def test_sharded_save_and_load(tmp_path):
+    model = family_models()["phi"]
+    model.save_pretrained(tmp_path, max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = M.Transformer.from_pretrained(str(tmp_path))
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    names = [n for n, _ in M.iter_hf_tensors(tmp_path, model.config)]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_loading_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = family_models()["llama"]
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.1.self_attn.k_proj.weight"
+    good = dict(tensors)
+    del tensors[name]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(M.CheckpointError, match=r"missing 1: model\.layers\.1\.self_attn\.k_proj\.weight"):
+        M.Transformer.from_pretrained(str(tmp_path))
+    tensors = dict(good, **{name: torch.zeros(3, 32)})
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(M.CheckpointError, match=r"wrong shape 1: .*k_proj.weight \(3, 32\)"):
+        M.Transformer.from_pretrained(str(tmp_path))
+    save_file(dict(good, extra=torch.zeros(1)), tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(M.CheckpointError, match="unexpected 1: extra"):
+        M.Transformer.from_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt_neox")))
+    with pytest.raises(M.ModelConfigError, match="gpt_neox"):
+        M.Transformer.from_pretrained(str(tmp_path))
+
+
+def test_resolve_checkpoint_offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(M.CheckpointError, match="not in the local Hugging Face cache"):
+        M.resolve_checkpoint("nobody-here/no-such-model-xyz")
+    with pytest.raises(M.CheckpointError, match="neither a directory"):
+        M.resolve_checkpoint(str(tmp_path / "does-not-exist"))
+    assert M.PRESETS["mistral-7b"] == "mistralai/Mistral-7B-v0.1"
+
+
+def test_resolve_checkpoint_gated_and_no_safetensors(monkeypatch, tmp_path):
+    """The Hub's answers, stubbed (no network in tests): each becomes one clear sentence."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    calls = []
+
+    def gated(repo_id, allow_patterns):
+        calls.append(allow_patterns)
+        raise GatedRepoError("401", response=SimpleNamespace(headers={}, status_code=401, request=None, url=""))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    with pytest.raises(M.CheckpointError, match="meta-llama/Llama-2-7b-hf is gated"):
+        M.resolve_checkpoint("llama2-7b")
+    assert "*.safetensors" in calls[0] and not any("bin" in p for p in calls[0])
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(tmp_path))
+    with pytest.raises(M.CheckpointError, match="has no \\*.safetensors"):
+        M.resolve_checkpoint("someone/pickled-only")
+
+
+def test_tiny_preset_and_activation_checkpointing():
+    torch.manual_seed(0)
+    model = M.Transformer.from_pretrained("tiny")
+    assert model.config.vocab_size == 512 and model.blocks is model.layers
+    x, pos, seg = pack(random_pairs(2), shared=True)
+    index, tgt = torch.arange(len(x) - 1), x[1:]
+    model.train()
+    runs = []
+    for ckpt in (False, True):
+        model.activation_checkpointing = ckpt
+        model.zero_grad()
+        model.token_logps(model.packed_hidden(x, pos, seg), index, tgt).sum().backward()
+        runs.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b)
+
+
+def test_block_traces_without_graph_breaks():
+    model = family_models()["mistral"]
+    x, pos, seg = pack(random_pairs(2), shared=True)
+    layout = M.packed_layout(seg, pos, 4, torch.float32)
+    h = model.tok_embeddings(x)
+    rope = M.rope_cos_sin(model.config, pos)
+    block = model.layers[0]
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(h, rope, layout), block(h, rope, layout))
+
+
+def test_stories260k_generates(tmp_path):
+    d = SHARED_DATA / "models" / "stories260K"
+    if not (d / "model.safetensors").is_file():
+        pytest.skip(f"{d} not present")
+    model = M.Transformer.from_pretrained(str(d)).eval()
+    tok = pytest.importorskip("tokenizers").Tokenizer.from_file(str(d / "tokenizer.json"))
+    new = model.generate([[1]], max_new_tokens=20, temperature=0)[0]
+    text = tok.decode(new)
+    assert text.startswith("Once upon a time"), text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn / torch varlen paths need a CUDA GPU")
+@pytest.mark.parametrize("backend", ["flash", "varlen"])
+def test_gpu_backends_match_sdpa(backend):
+    if backend == "flash" and M._flash_varlen() is None:
+        pytest.skip("flash-attn not installed")
+    if backend == "varlen" and M._torch_varlen() is None:
+        pytest.skip("torch.nn.attention.varlen not available")
+    model = family_models()["mistral"].cuda().to(torch.bfloat16)
+    x, pos, seg = pack(random_pairs(4, seed=2), shared=True)
+    x, pos = x.cuda(), pos.cuda()
+    with torch.no_grad():
+        M.set_attention_backend("sdpa")
+        ref = model.packed_hidden(x, pos, seg).float()
+        M.set_attention_backend(backend)
+        got = model.packed_hidden(x, pos, seg).float()
+    torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
