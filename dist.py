@@ -1,0 +1,364 @@
+"""
+Distributed helpers for train.py: process group setup, rank-0 printing, metric
+reduction, FSDP2 sharding, weight loading after sharding, atomic distributed
+checkpoints and the final Hugging Face export.
+
+The same code path serves three situations:
+  python train.py                        one process, no process group, plain module
+  torchrun --nproc_per_node 4 train.py   one node, FSDP2 over NCCL (GPU) or gloo (CPU)
+  torchrun --nnodes 2 ... train.py       several nodes (the checkpoint dir must be on a shared filesystem)
+
+Style after nanochat (get_dist_info / compute_init / print0) and torchtitan
+(meta device -> fully_shard per block then root -> to_empty -> load weights).
+"""
+import contextlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# -----------------------------------------------------------------------------
+# process group
+
+
+def get_dist_info() -> tuple[bool, int, int, int]:
+    """(is_distributed, rank, local_rank, world_size) from torchrun's environment variables."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def is_master() -> bool:
+    return get_dist_info()[1] == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only, so that N ranks don't print N copies of every line."""
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+
+def autodetect_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_init(device_type: str = "auto") -> torch.device:
+    """Pick this process's device and, under torchrun, start the process group.
+
+    Under torchrun each process owns cuda:LOCAL_RANK; set_device must come before
+    init_process_group so that NCCL binds its communicator to the right GPU.
+    Without torchrun nothing is initialised and the model stays a plain module.
+    """
+    if device_type == "auto":
+        device_type = autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but torch sees no CUDA device on this machine")
+    is_distributed, rank, local_rank, world_size = get_dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(device_type)
+    if is_distributed and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        dist.barrier()
+    return device
+
+
+def compute_cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# metric reduction
+
+
+def all_reduce_sum(values: dict[str, float], device) -> dict[str, float]:
+    """Sum each value over ranks (one collective for the whole dict)."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_metrics(metrics: dict[str, float], count: float, device) -> dict[str, float]:
+    """Count-weighted mean of each metric over ranks: sum_r(m_r * n_r) / sum_r(n_r).
+
+    A rank that saw more pairs weighs more, so the result equals the metric of the
+    global batch (for metrics that are means over pairs), not a mean of rank means.
+    """
+    sums = all_reduce_sum({**{k: v * count for k, v in metrics.items()}, "__count": count}, device)
+    total = sums.pop("__count")
+    return {k: v / max(total, 1e-12) for k, v in sums.items()}
+
+
+def all_reduce_max(value: float, device) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 sharding and weight loading
+
+
+def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = None,
+                reduce_dtype: torch.dtype | None = torch.float32,
+                activation_checkpointing: bool = False) -> nn.Module:
+    """fully_shard each transformer block, then the root (embedding, final norm, lm_head).
+
+    Call on a model built on the meta device: sharding only rewrites parameter
+    metadata, so nothing is allocated until to_empty(). Blocks are separate FSDP
+    units so that only one block's full weights are gathered at a time. param_dtype
+    is the compute dtype (bf16 on GPU); the sharded master weights stay fp32 and
+    gradients are reduced in reduce_dtype (fp32), as in torchtitan.
+    With no process group (one process) the model is returned unsharded.
+    """
+    # model.py recomputes each block in backward when this flag is set (torch.utils.checkpoint around
+    # the block call, which runs FSDP's unshard hook again during the recompute)
+    model.activation_checkpointing = activation_checkpointing
+    if not dist.is_initialized():
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    n = len(model.layers)
+    for i, block in enumerate(model.layers):
+        # the last block's weights are needed again at the start of backward: keep them gathered
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < n - 1)
+    fully_shard(model, mp_policy=mp)
+    # FSDP hooks only wrap forward(); the ORPO step calls these two methods instead, and
+    # both use root-owned weights (embedding in packed_hidden, lm_head in token_logps).
+    register_fsdp_forward_method(model, "packed_hidden")
+    register_fsdp_forward_method(model, "token_logps")
+    return model
+
+
+def _plain_name(name: str) -> str:
+    # wrappers (torch.compile's OptimizedModule, checkpoint_wrapper) insert these into parameter names
+    for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], where: str = "checkpoint") -> None:
+    """Copy full tensors, one at a time, into this rank's local shards of the parameters.
+
+    `tensors` yields (our parameter name, full tensor) pairs, e.g. model.iter_hf_tensors
+    streaming from safetensors: only one full tensor is in host memory at any moment.
+    For a DTensor parameter we slice out this rank's chunk (distribute_tensor with
+    src_data_rank=None slices locally, no communication) and copy it into place.
+    Every parameter must be loaded exactly once: a silent partial load is an error.
+    """
+    # state_dict(keep_vars=True): parameters and persistent buffers, by the names a checkpoint uses
+    params = {_plain_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
+    seen = set()  # ids, so that tied weights (one tensor, two names) count as loaded once either is
+    for name, full in tensors:
+        if name not in params:
+            raise ValueError(f"{where} has tensor {name!r} which the model does not have")
+        p = params[name]
+        if tuple(full.shape) != tuple(p.shape):
+            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(full.shape)}, the model expects {tuple(p.shape)}")
+        if hasattr(p, "device_mesh"):  # DTensor: keep only our shard
+            from torch.distributed.tensor import distribute_tensor
+
+            local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(local.to_local())
+        else:
+            p.copy_(full.to(p.device, p.dtype))
+        seen.add(id(p))
+    missing = sorted(n for n, p in params.items() if id(p) not in seen)
+    if missing:
+        raise ValueError(f"{where} is missing {len(missing)} parameter(s), e.g. {missing[:3]}")
+
+
+def load_sharded_weights(model: nn.Module, ckpt_dir, config) -> None:
+    """Stream an HF safetensors checkpoint into a (sharded, materialised) model, one tensor at a time."""
+    import model as model_lib
+
+    load_weights(model, model_lib.iter_hf_tensors(ckpt_dir, config), where=str(ckpt_dir))
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate storage for a meta-device (possibly sharded) model on `device`, uninitialised.
+
+    to_empty gives every module its own new tensor, which unties a tied lm_head on a plain module;
+    re-tie it. (Under FSDP2 the shared parameter is one sharded parameter and stays shared.)
+    """
+    model.to_empty(device=device)
+    if not dist.is_initialized() and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: torch.distributed.checkpoint for the sharded model + optimizer,
+# small per-rank files for the rest; atomic through a temporary dir + rename.
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """Without a process group DCP warns that it 'assumes a single process': that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, keep: int = 2) -> Path:
+    """Write ckpt_root/step_XXXXXXX atomically and point ckpt_root/latest at it.
+
+    All ranks write into a temporary directory (DCP shards for model + optimizer, plus
+    one small file per rank for RNG states and one trainer_state.json from rank 0 with
+    step, scheduler and data position). After a barrier rank 0 renames the directory
+    (atomic on POSIX) and rewrites `latest` (atomically, via os.replace). A crash at any
+    point leaves either the old checkpoint or the new one, never a half-written one
+    under a final name; leftover tmp-* dirs are ignored by load and cleaned up here.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    _, rank, _, _ = get_dist_info()
+    ckpt_root = Path(ckpt_root)
+    final = ckpt_root / f"step_{step:07d}"
+    tmp = ckpt_root / f"tmp-step_{step:07d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    barrier()  # every rank has finished writing before the directory becomes visible
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = ckpt_root / "latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, ckpt_root / "latest")
+        _prune(ckpt_root, keep)
+    barrier()
+    return final
+
+
+def _complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """step_* dirs that were renamed into place (trainer_state.json is written before the rename), oldest first."""
+    done = [p for p in Path(ckpt_root).glob("step_*")
+            if p.name[5:].isdigit() and (p / "trainer_state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    done = _complete_checkpoints(ckpt_root)
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in ckpt_root.glob("tmp-*"):  # debris of interrupted saves
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def find_latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint `latest` points to, else the newest complete step_* dir, else None."""
+    ckpt_root = Path(ckpt_root)
+    pointer = ckpt_root / "latest"
+    if pointer.is_file():
+        target = ckpt_root / pointer.read_text().strip()
+        if (target / "trainer_state.json").is_file():
+            return target
+    done = _complete_checkpoints(ckpt_root)
+    return done[-1] if done else None
+
+
+def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer) -> dict:
+    """Restore model, optimizer and this rank's RNG state in place; return trainer_state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _, rank, _, world_size = get_dist_info()
+    ckpt_dir = Path(ckpt_dir)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with _single_process_quiet():   # DCP reshards if the world size changed
+        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = ckpt_dir / f"rng_rank{rank}.pt"
+    if rng_file.is_file():  # absent if resumed with more ranks than were saved
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    trainer_state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    if trainer_state.get("world_size", world_size) != world_size:
+        print0(f"note: checkpoint was written by {trainer_state['world_size']} ranks, resuming on {world_size}; "
+               "the data order changes, so the trajectory will differ from an uninterrupted run")
+    return trainer_state
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face export
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gather the full (unsharded) fp32 state dict onto rank 0's CPU; other ranks get {}.
+
+    A collective: every rank must call it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {_plain_name(k): v for k, v in sd.items()} if is_master() else {}
+
+
+def export_hf(model: nn.Module, config, tokenizer, out_dir: Path) -> Path:
+    """Write out_dir in Hugging Face format (config.json, *.safetensors, tokenizer files).
+
+    A collective (the gather); only rank 0 writes. Written to a tmp dir then renamed,
+    so a reader never sees half an export.
+    """
+    import model as model_lib
+
+    out_dir = Path(out_dir)
+    sd = full_state_dict(model)
+    if is_master():
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model_lib.save_hf_state_dict(sd, config, tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    barrier()
+    return out_dir

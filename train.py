@@ -1,0 +1,710 @@
+"""
+Train a causal language model with ORPO (Hong, Lee & Thorne, 2024, arXiv 2403.07691).
+
+    python train.py                                          # tiny model, synthetic pairs, CPU, ~2 minutes
+    python train.py --model mistral-7b --data uf.parquet     # one GPU
+    torchrun --nproc_per_node 4 train.py --model mistral-7b --data uf.parquet --lam 0.1      # FSDP2, 4 GPUs
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
+
+One optimizer step, as in torchtitan (early 2025):
+  1. take grad_accum packed micro-batches (data.py: chosen and rejected of P pairs in ONE flat stream,
+     no padding), count their pairs and NLL tokens, and all-reduce the counts over the ranks;
+  2. per micro-batch, ONE forward: hidden = model.packed_hidden(...), the target log-probs from a
+     chunked lm_head (model.token_logps), the eq. 3 average log-prob of every response, the chosen
+     NLL, and orpo.orpo_loss; each micro-batch loss is weighted by its share of the global counts so
+     that the accumulated gradient is exactly the gradient of one big batch; backward;
+  3. clip the grad norm, skip the step if anything is NaN/inf, AdamW, lr schedule;
+  4. log metrics reduced over ranks; every N steps eval / checkpoint.
+The model is built on the meta device, sharded with FSDP2 (dist.py), materialised, then loaded
+tensor by tensor, so that no rank ever holds the whole model in host memory.
+"""
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import dist
+import orpo
+from dist import print0
+
+TINY_LR = 1e-3            # lr for the tiny from-scratch preset; the paper's 5e-6 is for fine-tuning 7B models
+PAPER_LR = 5e-6           # official Mistral-ORPO scripts
+SYNTHETIC_TRAIN_PAIRS = 2000
+SYNTHETIC_EVAL_PAIRS = 200
+
+
+class UserError(ValueError):
+    """Bad input from the command line: printed as one line, exit status 2."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show every default, except the "None" of flags whose help explains their (model-dependent) default."""
+
+    def _get_help_string(self, action):
+        if action.default is None and "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="train.py", description="ORPO: SFT + lam * odds-ratio penalty, one stage, no reference model.",
+        formatter_class=HelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="a model.py preset (tiny, mistral-7b, ...), a local HF dir or a Hub id")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype; auto = bfloat16 on CUDA, float32 on CPU (master weights are always float32)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+    g.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"],
+                   help="attention kernel; flash needs CUDA and the flash-attn package")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    g.add_argument("--model-config", default=None, help=argparse.SUPPRESS)  # JSON overrides of a preset (tests)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="training pairs: parquet file, folder, glob or Hub dataset id (with --split); "
+                        "default: data.py's synthetic set, written to OUT/data/")
+    g.add_argument("--split", default=None, help="split of --data to train on, when it has several")
+    g.add_argument("--eval-data", default=None, help="held-out pairs for eval (same forms as --data)")
+    g.add_argument("--eval-split", default=None, help="split of --data to evaluate on (e.g. test)")
+    g.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="without --eval-data/--eval-split: hold out this fraction of the training pairs "
+                        "(the synthetic default uses a separate held-out synthetic set instead)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer dir; default: the model's (synthetic for tiny)")
+    g.add_argument("--template", default="auto",
+                   help="auto (raw text for HH-RLHF, else the tokenizer's chat template or Zephyr's) | zephyr | raw | a .jinja file")
+    g.add_argument("--prompt-column", default=None, help="column holding the prompt (or the conversation)")
+    g.add_argument("--chosen-column", default=None, help="column holding the chosen response")
+    g.add_argument("--rejected-column", default=None, help="column holding the rejected response")
+    g.add_argument("--conversations-column", default=None, help="column holding a ShareGPT conversation")
+    g.add_argument("--max-length", type=int, default=2048, help="max tokens of prompt + response (paper: 2048 UltraFeedback, 1024 HH-RLHF)")
+    g.add_argument("--max-prompt-length", type=int, default=1024, help="pairs with longer prompts are dropped (paper)")
+    g.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="include prompt tokens in L_SFT, as the official code and TRL do")
+    g.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack [prompt|chosen|rejected] with the prompt computed once (same loss, fewer tokens)")
+    g.add_argument("--synthetic-pairs", type=int, default=SYNTHETIC_TRAIN_PAIRS, help="size of the synthetic train set")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lam", type=float, default=0.1, help="lambda, weight of L_OR (paper: 0.1 Mistral, 0.2 Llama-2, 0.25 Phi-2); 0 = plain SFT")
+    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate; default {PAPER_LR} (official scripts), {TINY_LR} for --model tiny")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the training pairs; default 5 (official scripts), 3 for tiny")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="pairs per optimizer step, global over ranks and micro-batches; default 32 (official), 16 for tiny")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="instead of --batch-size: token budget of one micro-batch on one rank (length-grouped batches)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps; default 200 (official), 10 for tiny")
+    g.add_argument("--warmup-ratio", type=float, default=None, help="instead of --warmup-steps: fraction of total steps")
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "inverse_sqrt", "constant"],
+                   help="after warmup: cosine to 0 (paper, Appendix C) or inverse_sqrt (official scripts)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official scripts: 0)")
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 disables clipping")
+    g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many consecutive NaN/inf steps")
+    g.add_argument("--seed", type=int, default=42, help="seed of the random init (tiny) and of the data order")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="out", help="output dir: metrics.jsonl, ckpt/, best/, final/, data/")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/latest exactly (same data order, RNG)")
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end); default 500, 50 for tiny")
+    g.add_argument("--eval-every", type=int, default=None, help="eval every N steps (and at the end); default 500, 50 for tiny; 0 = only at the end")
+    g.add_argument("--log-every", type=int, default=1, help="log a metrics line every N steps")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep")
+    g.add_argument("--no-export", action="store_true", help="skip the final HF export (and the best/ export)")
+    args = p.parse_args(argv)
+    apply_preset_defaults(args)
+    return args
+
+
+def apply_preset_defaults(args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on the model: the tiny preset trains from scratch in ~2 minutes,
+    the real presets fine-tune 7B models with the official Mistral-ORPO recipe."""
+    tiny = args.model == "tiny"
+    defaults = dict(lr=TINY_LR if tiny else PAPER_LR, epochs=3 if tiny else 5,
+                    batch_size=16 if tiny else 32, warmup_steps=10 if tiny else 200,
+                    save_every=50 if tiny else 500, eval_every=50 if tiny else 500)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def resolve_model(name: str, overrides: str | None):
+    """(ModelConfig, checkpoint dir or None). A preset given as a ModelConfig has no weights: random init."""
+    import model as model_lib
+
+    preset = model_lib.PRESETS.get(name)
+    if isinstance(preset, model_lib.ModelConfig):
+        config, ckpt_dir = preset, None
+    else:
+        ckpt_dir = model_lib.resolve_checkpoint(name)     # clear errors: unknown name, offline and not cached
+        config = model_lib.load_config(ckpt_dir)
+    if overrides:
+        if ckpt_dir is not None:
+            raise UserError("--model-config only applies to presets without a checkpoint (tiny)")
+        o = json.loads(overrides)
+        # fields derived in ModelConfig.__post_init__ follow the overridden ones unless given too
+        if config.embed_dim == config.dim:
+            o.setdefault("embed_dim", o.get("dim", config.dim))
+        if config.head_dim == config.dim // config.n_heads:
+            o.setdefault("head_dim", o.get("dim", config.dim) // o.get("n_heads", config.n_heads))
+        config = dataclasses.replace(config, **o)
+    return config, ckpt_dir
+
+
+def random_init_tensors(config, seed: int):
+    """The random init of a checkpoint-less preset, as (name, tensor) pairs.
+
+    Every rank builds the same full model on the CPU from the same seed, so all ranks, and a
+    single-process run, start from identical weights. Only sensible for small presets.
+    """
+    import model as model_lib
+
+    cpu_rng = torch.get_rng_state()
+    torch.manual_seed(seed)
+    full = model_lib.Transformer(config)
+    torch.set_rng_state(cpu_rng)
+    yield from full.state_dict().items()
+
+
+def build_model(args, config, ckpt_dir, device, compute_dtype):
+    """meta device -> (compile, activation checkpointing) -> FSDP2 -> to_empty -> load weights."""
+    import model as model_lib
+
+    with torch.device("meta"):
+        model = model_lib.Transformer(config)
+    if args.compile:
+        for block in model.layers:
+            block.compile()
+    fsdp_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    model = dist.shard_model(model, param_dtype=fsdp_dtype, reduce_dtype=torch.float32,
+                             activation_checkpointing=args.activation_checkpointing)
+    dist.materialize(model, device)
+    if ckpt_dir is None:
+        dist.load_weights(model, random_init_tensors(config, args.seed), where=f"random init of --model {args.model}")
+    else:
+        dist.load_sharded_weights(model, ckpt_dir, config)
+    # model.py keeps no buffers (RoPE tables are computed per forward), so nothing else is left
+    # uninitialised by to_empty; a tied lm_head shares the embedding's (sharded) parameter
+    assert not config.tie_embeddings or model.lm_head.weight is model.tok_embeddings.weight
+    return model
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_data(args, tok, rank: int, world_size: int):
+    """Train and eval PairSets (tokenized, filtered, with counts of what was dropped and why)."""
+    import data as data_lib
+
+    columns = {k: v for k, v in dict(prompt=args.prompt_column, chosen=args.chosen_column, rejected=args.rejected_column,
+                                        conversations=args.conversations_column).items() if v}
+    kw = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+              template=args.template, columns=columns or None)
+    train_src, eval_src = args.data, args.eval_data
+    if train_src is None:  # the embedded default: synthetic pairs with a held-out synthetic eval set
+        data_dir = Path(args.out) / "data"
+        train_src = data_dir / f"synthetic_train_{args.synthetic_pairs}.parquet"
+        eval_src = eval_src or data_dir / "synthetic_eval.parquet"
+        if rank == 0:
+            if not train_src.exists():
+                data_lib.write_synthetic(train_src, args.synthetic_pairs, seed=0)
+            if not Path(eval_src).exists():
+                data_lib.write_synthetic(eval_src, SYNTHETIC_EVAL_PAIRS, seed=1)
+        dist.barrier()
+    train = data_lib.build_pairs(train_src, tok, split=args.split, **kw)
+    report_stats("train", train_src, train)
+    if eval_src is not None:
+        evals = data_lib.build_pairs(eval_src, tok, **kw)
+        report_stats("eval", eval_src, evals)
+    elif args.eval_split is not None:
+        evals = data_lib.build_pairs(train_src, tok, split=args.eval_split, **kw)
+        report_stats("eval", f"{train_src} [{args.eval_split}]", evals)
+    elif args.eval_fraction > 0:
+        train, evals = hold_out(train, args.eval_fraction, args.seed)
+        print0(f"eval: held out {len(evals)} of the training pairs (--eval-fraction {args.eval_fraction})")
+    else:
+        evals = []
+    if len(train) == 0:
+        raise UserError(f"--data {train_src}: no usable pairs after filtering")
+    return train, evals
+
+
+def hold_out(pairs, fraction: float, seed: int):
+    """Split off a fixed random fraction of the pairs (same on every rank: seeded)."""
+    n_eval = max(1, int(round(len(pairs) * fraction)))
+    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [pairs[i] for i in perm[n_eval:]], [pairs[i] for i in perm[:n_eval]]
+
+
+def report_stats(name, source, pairs) -> None:
+    stats = getattr(pairs, "stats", None)
+    print0(f"{name}: {len(pairs)} pairs from {source}" + (f" ({stats})" if stats else ""))
+
+
+def make_batchers(args, train_pairs, eval_pairs, rank: int, world_size: int):
+    """(train batcher, eval batcher or None, optimizer steps per epoch).
+
+    --batch-size is global: each rank packs batch / (world * accum) pairs per micro-batch. Batch b of an
+    epoch goes to rank b % world_size, so a 2-rank run sees the same global batches as a 1-rank run
+    with twice the grad_accum.
+    """
+    import data as data_lib
+
+    if args.max_tokens is None:
+        per_micro = args.batch_size // (world_size * args.grad_accum)
+        if per_micro * world_size * args.grad_accum != args.batch_size or per_micro == 0:
+            raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of "
+                            f"world size {world_size} x --grad-accum {args.grad_accum}")
+        size = dict(batch_size=per_micro)
+    else:
+        size = dict(max_tokens=args.max_tokens)
+    kw = dict(seed=args.seed, rank=rank, world_size=world_size, shared_prompt=args.shared_prompt,
+              prompt_loss=args.prompt_loss, **size)
+    batcher = data_lib.PairBatcher(train_pairs, grad_accum=args.grad_accum, **kw)
+    info = batcher.epoch_info(0)
+    if info["pairs_dropped"]:
+        print0(f"train: {info['pairs_dropped']} pairs per epoch left out so that every rank gets the same "
+               f"number of micro-batches (a different remainder each epoch)")
+    eval_batcher = None
+    if len(eval_pairs):
+        eval_batcher = data_lib.PairBatcher(eval_pairs, **kw)
+        dropped = eval_batcher.epoch_info(0)["pairs_dropped"]
+        if dropped:
+            print0(f"eval: {dropped} of the eval pairs left out to give every rank the same batches")
+    return batcher, eval_batcher, info["batches_per_rank"] // args.grad_accum
+
+
+def load_tokenizer(args, ckpt_dir):
+    import data as data_lib
+
+    if args.tokenizer:
+        return data_lib.load_tokenizer(args.tokenizer)
+    if ckpt_dir is None:                  # a random-init preset: the synthetic tokenizer (vocab <= 512)
+        return data_lib.synthetic_tokenizer()
+    return data_lib.load_tokenizer(ckpt_dir)
+
+
+# -----------------------------------------------------------------------------
+# the ORPO step
+
+
+def sequence_logps(token_logps, tgt_seq, tgt_response, n_seqs: int):
+    """eq. 3: average log-prob of each response, by scatter-add over the packed targets. -> (n_seqs,) float32"""
+    resp_seq = tgt_seq[tgt_response]                                   # (R,)
+    sums = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device)
+    sums = sums.index_add(0, resp_seq, token_logps[tgt_response].float())
+    counts = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device)
+    counts = counts.index_add(0, resp_seq, torch.ones_like(resp_seq, dtype=torch.float32))
+    return sums / counts                                               # (2P,) chosen then rejected
+
+
+def micro_batch_loss(model, batch, lam: float, n_pairs_total: float, n_nll_total: float):
+    """ONE forward over a packed micro-batch -> (loss to backprop, metric sums).
+
+    The returned loss is this micro-batch's share of the big-batch loss
+        L = sum_{all NLL tokens} nll / n_nll_total + lam * sum_{all pairs} L_OR / n_pairs_total,
+    where the totals count every micro-batch of the step on every rank. Summing these shares over
+    micro-batches (backward accumulates) and ranks (FSDP reduces) gives exactly one big batch's gradient.
+    """
+    hidden = model.packed_hidden(batch.input_ids, batch.position_ids, batch.seg_lens)   # (N, D)
+    logps = model.token_logps(hidden, batch.tgt_index, batch.tgt_ids)                   # (M,) float32
+    P = batch.n_pairs
+    seq = sequence_logps(logps, batch.tgt_seq, batch.tgt_response, 2 * P)               # (2P,)
+    chosen_logps, rejected_logps = seq[:P], seq[P:]
+    nll_sum = -logps[batch.tgt_nll].float().sum()                                       # L_SFT numerator
+    n_nll = int(batch.tgt_nll.sum())
+    # orpo_loss averages over the P pairs of this micro-batch; reweight to the global totals:
+    # w * (nll/w + lam * mean L_OR) = nll_sum/n_nll_total + lam * sum L_OR / n_pairs_total
+    w = P / n_pairs_total
+    chosen_nll = nll_sum / n_nll_total / w
+    loss, m = orpo.orpo_loss(chosen_logps, rejected_logps, chosen_nll, lam=lam)
+    sums = {k: float(m[k]) * P for k in ("or_loss", "log_odds", "chosen_logps", "rejected_logps",
+                                         "reward_acc", "reward_margin")}
+    sums.update(nll_sum=float(nll_sum.detach()), n_nll=n_nll, n_pairs=P, n_tokens=batch.num_tokens)
+    return loss * w, sums
+
+
+def finish_metrics(sums: dict, lam: float) -> dict:
+    """Metric sums (over micro-batches and ranks) -> big-batch means."""
+    P = max(sums["n_pairs"], 1)
+    m = {k: sums[k] / P for k in ("or_loss", "log_odds", "chosen_logps", "rejected_logps", "reward_acc", "reward_margin")}
+    m["nll"] = sums["nll_sum"] / max(sums["n_nll"], 1)
+    m["loss"] = m["nll"] + lam * m["or_loss"]
+    return m
+
+
+def add_into(total: dict, part: dict) -> None:
+    for k, v in part.items():
+        total[k] = total.get(k, 0.0) + v
+
+
+def train_step(model, micro_batches, lam, device, world_size, autocast):
+    """Forward/backward over the micro-batches of one optimizer step; returns global metric sums."""
+    counts = dist.all_reduce_sum({"pairs": sum(b.n_pairs for b in micro_batches),
+                                  "nll": sum(int(b.tgt_nll.sum()) for b in micro_batches)}, device)
+    sums = {}
+    for batch in micro_batches:
+        batch = batch.to(device)
+        with autocast:
+            loss, part = micro_batch_loss(model, batch, lam, counts["pairs"], counts["nll"])
+        # FSDP averages gradients over ranks; our per-rank losses are already shares of the global
+        # batch and must be summed, so undo the average by scaling with the world size
+        (loss * world_size).backward()
+        add_into(sums, part)
+    return dist.all_reduce_sum(sums, device)
+
+
+@torch.no_grad()
+def evaluate(model, batcher, lam, device, autocast) -> dict:
+    sums = {}
+    batcher.load_state_dict({"epoch": 0, "position": 0})   # the same eval pairs every time
+    for batch in batcher:
+        batch = batch.to(device)
+        with autocast:
+            _, part = micro_batch_loss(model, batch, lam, 1.0, 1.0)
+        add_into(sums, part)
+    sums = dist.all_reduce_sum(sums, device)
+    return finish_metrics(sums, lam)
+
+
+# -----------------------------------------------------------------------------
+# schedule, optimizer, throughput
+
+
+def lr_lambda(args, total_steps: int):
+    """Multiplier of the peak lr at a step: linear warmup, then cosine to 0 or inverse_sqrt."""
+    warmup = args.warmup_steps if args.warmup_ratio is None else int(args.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if args.schedule == "cosine":
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if args.schedule == "inverse_sqrt":  # as transformers' get_inverse_sqrt_schedule
+            return 1.0 / math.sqrt(max(step, 1) / max(warmup, 1))
+        return 1.0
+    return f
+
+
+def build_optimizer(args, model, device):
+    decay = [p for p in model.parameters() if p.ndim >= 2]       # matrices and embeddings
+    no_decay = [p for p in model.parameters() if p.ndim < 2]     # norms, biases
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8, fused=fused)
+
+
+# dense bf16 tensor-core peak, FLOP/s, by substring of torch.cuda.get_device_name()
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+              "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "MI300": 1307e12}
+
+
+def peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def step_flops(config_params: int, n_layers: int, d_attn: int, micro_batches) -> float:
+    """6 * params per token (forward + backward matmuls) plus causal attention: QK^T and AV are
+    2 * 2 * d_attn * s^2 / 2 FLOPs per layer per segment of length s forward, x3 with backward."""
+    flops = 0.0
+    for b in micro_batches:
+        seg_total = b.seg_lens.sum(1).double()
+        flops += 6 * config_params * b.num_tokens + 6 * n_layers * d_attn * float((seg_total ** 2).sum())
+    return flops
+
+
+def memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # Linux reports kB
+
+
+# -----------------------------------------------------------------------------
+# logging
+
+
+def format_line(rec: dict, total_steps: int) -> str:
+    s = (f"step {rec['step']:>5d}/{total_steps} | loss {rec['loss']:.4f} | nll {rec['nll']:.4f} | "
+         f"or {rec['or_loss']:.4f} | log_odds {rec['log_odds']:+.3f} | logp w {rec['chosen_logps']:.3f} "
+         f"l {rec['rejected_logps']:.3f} | acc {rec['reward_acc']:.2f} | margin {rec['reward_margin']:+.3f} | "
+         f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s")
+    if rec.get("mfu") is not None:
+        s += f" | mfu {100 * rec['mfu']:.1f}%"
+    s += f" | mem {rec['mem_gb']:.2f}GB"
+    if rec.get("skipped"):
+        s += " | SKIPPED (non-finite)"
+    return s
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records written after the checkpoint, so the file reads as one uninterrupted run."""
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+def append_jsonl(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# main loop
+
+
+def micro_batch_stream(batcher):
+    """(epoch, micro-batch) forever, epoch after epoch, from the batcher's current (maybe resumed) position."""
+    while True:
+        for batch in batcher:
+            yield batcher.epoch, batch
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def check_attention(args, device) -> None:
+    import model as model_lib
+
+    if args.attention == "flash" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
+        raise UserError("--attention flash needs a CUDA device and the flash-attn package "
+                        "(pip install -r requirements-gpu.txt); use --attention auto or sdpa")
+    model_lib.set_attention_backend(args.attention)
+
+
+def run(args) -> dict:
+    """The whole run: setup, resume, the loop, final eval, checkpoint and export. Returns a summary."""
+    t_start = time.time()
+    device = dist.compute_init(args.device)
+    _, rank, _, world_size = dist.get_dist_info()
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    compute_dtype = resolve_dtype(args.dtype, device)
+    check_attention(args, device)
+    torch.manual_seed(args.seed)
+
+    # model config + tokenizer, then data (tokenization does not need the weights)
+    config, ckpt_dir = resolve_model(args.model, args.model_config)
+    tok = load_tokenizer(args, ckpt_dir)
+    train_pairs, eval_pairs = load_data(args, tok, rank, world_size)
+
+    batcher, eval_batcher, steps_per_epoch = make_batchers(args, train_pairs, eval_pairs, rank, world_size)
+    total_steps = args.max_steps if args.max_steps is not None else max(1, int(args.epochs * steps_per_epoch))
+
+    # model, optimizer, schedule
+    model = build_model(args, config, ckpt_dir, device, compute_dtype)
+    n_params = count_params(model)
+    optimizer = build_optimizer(args, model, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
+    # without FSDP (one process) on GPU, bf16 compute comes from autocast; FSDP casts params itself
+    use_autocast = compute_dtype != torch.float32 and world_size == 1
+    autocast = torch.autocast(device.type, dtype=compute_dtype) if use_autocast else nullcontext()
+    print0(f"model {args.model}: {n_params / 1e6:.2f}M params, {config.n_layers} layers | "
+           f"device {device} x {world_size} | dtype {compute_dtype} | lam {args.lam} | lr {args.lr} {args.schedule} | "
+           f"batch {args.batch_size if args.max_tokens is None else f'{args.max_tokens} tokens/micro'} x accum {args.grad_accum} | "
+           f"{total_steps} steps ({steps_per_epoch}/epoch)")
+
+    # resume
+    ckpt_root = out / "ckpt"
+    step, best_eval, bad_steps, epoch = 0, float("inf"), 0, 0
+    metrics_path = out / "metrics.jsonl"
+    if args.resume:
+        latest = dist.find_latest_checkpoint(ckpt_root)
+        if latest is None:
+            print0(f"--resume: no checkpoint in {ckpt_root}, starting from scratch")
+        else:
+            state = dist.load_checkpoint(latest, model, optimizer)
+            scheduler.load_state_dict(state["scheduler"])
+            batcher.load_state_dict(state["batcher"])
+            step, best_eval, bad_steps, epoch = state["step"], state["best_eval"], state["bad_steps"], state["epoch"]
+            print0(f"resumed from {latest} at step {step}")
+    if rank == 0:
+        if step > 0:
+            truncate_metrics(metrics_path, step)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+
+    def save(step):
+        state = dict(step=step, epoch=epoch, best_eval=best_eval, bad_steps=bad_steps, world_size=world_size,
+                     scheduler=scheduler.state_dict(), batcher=batcher.state_dict())
+        dist.save_checkpoint(ckpt_root, step, model, optimizer, state, keep=args.keep_checkpoints)
+
+    def run_eval(step):
+        nonlocal best_eval
+        if eval_batcher is None:
+            return None
+        model.eval()
+        m = evaluate(model, eval_batcher, args.lam, device, autocast)
+        model.train()
+        rec = {"step": step, "eval": True, **{f"eval_{k}": v for k, v in m.items()}}
+        improved = m["loss"] < best_eval
+        if improved:
+            best_eval = m["loss"]
+            if not args.no_export:
+                dist.export_hf(model, config, tok, out / "best")
+        rec["best"] = improved
+        if rank == 0:
+            append_jsonl(metrics_path, rec)
+        if rank == 0:
+            tqdm.write(f"eval  {step:>5d} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | or {m['or_loss']:.4f} | "
+                       f"log_odds {m['log_odds']:+.3f} | acc {m['reward_acc']:.2f}"
+                       + (f" | best so far -> {out / 'best'}" if improved and not args.no_export else ""))
+        return m
+
+    # the loop
+    peak = peak_flops(device)
+    stream = micro_batch_stream(batcher)
+    model.train()
+    # the bar only on an interactive terminal: in a log file its redraws are noise (the lines say it all)
+    eval0 = run_eval(0) if step == 0 and args.eval_every else None   # the starting point of the eval curves
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0 or not sys.stderr.isatty(), leave=False)
+    last_rec, first_rec = None, None
+    while step < total_steps:
+        t0 = time.time()
+        micro = []
+        for _ in range(args.grad_accum):
+            epoch, b = next(stream)
+            micro.append(b)
+        sums = train_step(model, micro, args.lam, device, world_size, autocast)
+        grad_norm = clip_grad_norm(model, args.grad_clip)
+        m = finish_metrics(sums, args.lam)
+        finite = math.isfinite(m["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            bad_steps = 0
+        else:
+            bad_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.time() - t0
+        if not finite:
+            print0(f"step {step}: non-finite loss or grad norm (loss {m['loss']}, grad norm {grad_norm}); "
+                   f"step skipped ({bad_steps} in a row)")
+        if step % args.log_every == 0 or step == total_steps or not finite:
+            flops = step_flops(n_params, config.n_layers, config.n_heads * config.head_dim, micro)
+            flops = dist.all_reduce_sum({"f": flops}, device)["f"]
+            rec = {"step": step, "epoch": epoch, **m, "lr": lr, "grad_norm": grad_norm,
+                   "tokens": sums["n_tokens"], "tokens_per_s": sums["n_tokens"] / dt,
+                   "mfu": flops / dt / (peak * world_size) if peak else None,
+                   "mem_gb": dist.all_reduce_max(memory_gb(device), device), "skipped": not finite,
+                   "time": time.time() - t_start}
+            first_rec = first_rec or rec
+            last_rec = rec
+            if rank == 0:
+                append_jsonl(metrics_path, rec)
+                tqdm.write(format_line(rec, total_steps))
+        bar.update(1)
+        if bad_steps >= args.max_bad_steps:
+            raise TrainingDiverged(f"{bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping at step "
+                                   f"{step} to protect the weights (last good checkpoint: {ckpt_root}/latest); "
+                                   f"try a lower --lr or --dtype float32")
+        if args.eval_every and step % args.eval_every == 0 and step < total_steps:
+            run_eval(step)
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            save(step)
+    bar.close()
+
+    final_eval = run_eval(step)
+    save(step)
+    if not args.no_export:
+        dist.export_hf(model, config, tok, out / "final")
+    summary = {"first": first_rec, "last": last_rec, "eval0": eval0, "eval": final_eval, "steps": step,
+               "wall_s": time.time() - t_start, "out": str(out)}
+    print_summary(args, summary)
+    return summary
+
+
+def count_params(model) -> int:
+    """Parameter count of the full model (a sharded parameter reports its global shape; tied ones count once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Global grad norm over all ranks (clipped to max_norm when > 0)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2: the norm is already reduced over ranks
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def print_summary(args, s: dict) -> None:
+    out = Path(args.out)
+    first, last, e0, e1 = s["first"], s["last"], s["eval0"], s["eval"]
+    if first and last:
+        print0(f"done at step {s['steps']} after {s['wall_s']:.0f}s | train nll {first['nll']:.3f} -> {last['nll']:.3f} | "
+               f"log_odds {first['log_odds']:+.3f} -> {last['log_odds']:+.3f} | "
+               f"reward_acc {first['reward_acc']:.2f} -> {last['reward_acc']:.2f}")
+    if e0 and e1:
+        print0(f"eval (held-out pairs): nll {e0['nll']:.3f} -> {e1['nll']:.3f} | log_odds {e0['log_odds']:+.3f} -> "
+               f"{e1['log_odds']:+.3f} | reward_acc {e0['reward_acc']:.2f} -> {e1['reward_acc']:.2f}")
+    exported = "" if args.no_export else "final/ (HF model + tokenizer), best/ (best eval loss), "
+    print0(f"outputs in {out}/: {exported}ckpt/ (--resume), metrics.jsonl"
+           + (", data/ (synthetic pairs)" if args.data is None else ""))
+    if args.data is None and args.model == "tiny":   # eval_rm.py's demo knows this layout
+        print0("evaluate with:  python eval_rm.py" + ("" if str(out) == "out" else f" demo --root {out}"))
+    else:
+        print0(f"evaluate with:  python eval_rm.py train-rm --out {out}/rm --data {args.data}\n"
+               f"                python eval_rm.py winrate --rm {out}/rm --policy orpo={out}/final "
+               f"--policy base={args.model} --data {args.eval_data or args.data} --out {out}/winrate")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+        return 0
+    except TrainingDiverged as e:
+        print0(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("ORPO_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.compute_cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
