@@ -41,6 +41,7 @@ import os
 import random
 import re
 import sys
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -721,6 +722,9 @@ class PairBatcher:
     chosen by `shared_prompt`; a single pair larger than the budget gets a batch of its own).
     Length grouping: the shuffled pairs are cut into groups of ~`group_batches` batches, sorted by length inside
     each group and cut into batches, so a batch holds pairs of similar length; then the batch order is shuffled.
+    It pays only with a token budget, where similar lengths fill each batch evenly; with a fixed number of pairs
+    packing wastes nothing, and grouping would only make batches less random (on the synthetic data, one task
+    per batch). So by default (group_batches=None) it is 50 with max_tokens and off (1) with batch_size.
     Ranks: batch b goes to rank b % world_size. Every rank gets the same number of batches, a multiple of
     grad_accum, so that FSDP's collectives line up; the remainder batches are left out of this epoch and counted
     in `epoch_info()` (different pairs are left out each epoch, since the shuffle changes).
@@ -739,13 +743,15 @@ class PairBatcher:
     """
 
     def __init__(self, pairs, *, batch_size=None, max_tokens=None, seed=0, rank=0, world_size=1,
-                 shared_prompt=True, prompt_loss=True, grad_accum=1, group_batches=50):
+                 shared_prompt=True, prompt_loss=True, grad_accum=1, group_batches=None):
         if (batch_size is None) == (max_tokens is None):
             raise DataError("give exactly one of batch_size (pairs per batch) or max_tokens (tokens per batch)")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in 0..{world_size - 1}")
         self.pairs, self.seed, self.rank, self.world_size = pairs, seed, rank, world_size
         self.batch_size, self.max_tokens = batch_size, max_tokens
+        if group_batches is None:
+            group_batches = 50 if max_tokens is not None else 1
         self.grad_accum, self.group_batches = grad_accum, group_batches
         self.shared_prompt, self.prompt_loss = shared_prompt, prompt_loss
         lengths = pairs.lengths if isinstance(pairs, PairSet) else np.array(
@@ -869,10 +875,24 @@ def _synthetic_example(rng):
     return f"Write {w} in capitals.", w.upper(), w.upper()[:-1] + w[-1]
 
 
-def write_synthetic(path, n_pairs, seed=0):
-    """Write n_pairs synthetic preference pairs (layout (a)) to a parquet file, deterministically from seed."""
+def synthetic_split(prompt):
+    """"eval" for about one prompt in five, chosen by a hash of the prompt text, else "train".
+
+    The split depends on the prompt alone, so a train set and an eval set written with any seeds never
+    share a prompt: the eval set measures what was learned, not what was memorised."""
+    return "eval" if zlib.crc32(prompt.encode()) % 5 == 0 else "train"
+
+
+def write_synthetic(path, n_pairs, seed=0, split=None):
+    """Write n_pairs synthetic preference pairs (layout (a)) to a parquet file, deterministically from seed.
+
+    split="train" or "eval" keeps only the prompts of that side of synthetic_split (None keeps all)."""
     rng = random.Random(seed)
-    rows = [_synthetic_example(rng) for _ in range(n_pairs)]
+    rows = []
+    while len(rows) < n_pairs:
+        row = _synthetic_example(rng)
+        if split is None or synthetic_split(row[0]) == split:
+            rows.append(row)
     table = pa.table({name: [r[j] for r in rows] for j, name in enumerate(("prompt", "chosen", "rejected"))})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -234,9 +234,9 @@ def load_data(args, tok, rank: int, world_size: int):
         eval_src = eval_src or data_dir / "synthetic_eval.parquet"
         if rank == 0:
             if not train_src.exists():
-                data_lib.write_synthetic(train_src, args.synthetic_pairs, seed=0)
+                data_lib.write_synthetic(train_src, args.synthetic_pairs, seed=0, split="train")
             if not Path(eval_src).exists():
-                data_lib.write_synthetic(eval_src, SYNTHETIC_EVAL_PAIRS, seed=1)
+                data_lib.write_synthetic(eval_src, SYNTHETIC_EVAL_PAIRS, seed=1, split="eval")
         dist.barrier()
     train = data_lib.build_pairs(train_src, tok, split=args.split, **kw)
     report_stats("train", train_src, train)

@@ -403,6 +403,14 @@ def test_too_little_data_for_the_ranks_is_an_error():
 
 # ----------------------------------------------------------------------------- synthetic data and tokenizer
 
+def test_synthetic_train_and_eval_splits_share_no_prompt(tmp_path):
+    train = pq.read_table(data.write_synthetic(tmp_path / "t.parquet", 2000, seed=0, split="train")).to_pylist()
+    held = pq.read_table(data.write_synthetic(tmp_path / "e.parquet", 200, seed=1, split="eval")).to_pylist()
+    assert len(train) == 2000 and len(held) == 200
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert len({r["prompt"].split()[0] for r in held}) == 4                   # every task kind is held out
+
+
 def test_synthetic_data_is_deterministic_short_and_checkable(tmp_path, tok):
     a = pq.read_table(data.write_synthetic(tmp_path / "a.parquet", 300, seed=1)).to_pylist()
     b = pq.read_table(data.write_synthetic(tmp_path / "b.parquet", 300, seed=1)).to_pylist()
