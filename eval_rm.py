@@ -665,10 +665,13 @@ def resolve_tokenizer(tokenizer, *candidates):
     return data.synthetic_tokenizer()
 
 
-def resolve_data(source, scratch_dir, *, n_pairs, seed):
-    """'synthetic' -> a fresh data.write_synthetic parquet in scratch_dir; anything else must exist."""
+def resolve_data(source, scratch_dir, *, n_pairs, seed, split):
+    """'synthetic' -> a fresh data.write_synthetic parquet in scratch_dir; anything else must exist.
+
+    split is "train" (RM training) or "eval" (win-rate prompts): the two never share a prompt."""
     if source == "synthetic":
-        return data.write_synthetic(Path(scratch_dir) / f"synthetic_{n_pairs}_seed{seed}.parquet", n_pairs, seed=seed)
+        path = Path(scratch_dir) / f"synthetic_{split}_{n_pairs}_seed{seed}.parquet"
+        return data.write_synthetic(path, n_pairs, seed=seed, split=split)
     if not Path(source).exists():
         raise EvalError(f"--data {source}: no such file or directory")
     return source
@@ -709,7 +712,8 @@ def cmd_train_rm(args, device):
     """train-rm: pairs -> held-out split -> eq. 11 training -> saved RM with its held-out accuracy."""
     _, rank, _, _ = dist.get_dist_info()
     tok = resolve_tokenizer(args.tokenizer, args.init)
-    source = resolve_data(args.data, Path(args.out) / "data", n_pairs=args.synthetic_pairs, seed=0) \
+    source = resolve_data(args.data, Path(args.out) / "data", n_pairs=args.synthetic_pairs, seed=0,
+                          split="train") \
         if rank == 0 or args.data != "synthetic" else None
     if args.data == "synthetic" and torch_dist.is_initialized():
         holder = [source]
@@ -741,7 +745,8 @@ def cmd_winrate(args, device):
     tok = resolve_tokenizer(args.tokenizer, args.rm)
     source = args.data
     if source == "synthetic":            # fresh prompts from a seed the RM and train.py never used
-        source = resolve_data("synthetic", Path(args.out) / "data", n_pairs=args.n_prompts, seed=12345) \
+        source = resolve_data("synthetic", Path(args.out) / "data", n_pairs=args.n_prompts, seed=12345,
+                              split="eval") \
             if rank == 0 else None
         if torch_dist.is_initialized():
             holder = [source]

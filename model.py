@@ -96,6 +96,9 @@ class ModelConfig:
             self.head_dim = self.dim // self.n_heads
         if self.embed_dim is None:
             self.embed_dim = self.dim
+        if self.embed_dim != self.dim and self.family != "opt":
+            raise ModelConfigError(f"embed_dim {self.embed_dim} != dim {self.dim} (project_in/out) exists only in "
+                                   f"OPT checkpoints, not in family {self.family!r}")
         if self.n_heads % self.n_kv_heads:
             raise ModelConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         for name, value, allowed in (("norm", self.norm, ("rmsnorm", "layernorm")),
