@@ -841,6 +841,9 @@ class ChunkedTokenLogps(torch.autograd.Function):
             out[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk_size = chunk_size
+        # backward runs outside autocast: remember it, so the recomputed logits match the forward's
+        dev = h.device.type
+        ctx.amp_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         return out
 
     @staticmethod
@@ -851,18 +854,21 @@ class ChunkedTokenLogps(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        amp = torch.autocast(h.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None)
         for s in range(0, h.shape[0], ctx.chunk_size):
             e = s + ctx.chunk_size
             hc, g = h[s:e], grad_out[s:e].float()
-            logits = F.linear(hc, weight, bias).float()                      # recomputed, (C, V)
-            grad_logits = torch.exp(logits - lse[s:e, None]).mul_(-g[:, None])  # -g * softmax
+            with amp:
+                logits = F.linear(hc, weight, bias).float()                  # recomputed, (C, V)
+            grad_logits = logits.sub_(lse[s:e, None]).exp_().mul_(-g[:, None])  # -g * softmax, in place
             grad_logits.scatter_add_(1, targets[s:e, None], g[:, None])      # + g * onehot(target)
             if need_b:
                 grad_b += grad_logits.sum(0)
             if need_w:   # accumulate over chunks in float32 even for bf16 weights
                 grad_w.addmm_(grad_logits.t(), hc.float())
             if need_h:
-                grad_h[s:e] = (grad_logits.to(weight.dtype) @ weight).to(h.dtype)
+                with amp:
+                    grad_h[s:e] = (grad_logits.to(weight.dtype) @ weight).to(h.dtype)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None)
 

@@ -439,3 +439,18 @@ def test_gpu_backends_match_sdpa(backend):
         M.set_attention_backend(backend)
         got = model.packed_hidden(x, pos, seg).float()
     torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
+
+
+def test_chunked_logps_backward_recomputes_under_the_forwards_autocast():
+    """Under bf16 autocast the backward must recompute the same bf16 logits as the forward, not fp32 ones."""
+    torch.manual_seed(0)
+    h = torch.randn(50, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    t = torch.randint(0, 40, (50,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = M.ChunkedTokenLogps.apply(h, w, None, t, 7)
+        ref = torch.log_softmax(torch.nn.functional.linear(h, w).float(), -1).gather(1, t[:, None]).squeeze(1)
+    (gh_ours,) = torch.autograd.grad(ours.sum(), h)
+    (gh_ref,) = torch.autograd.grad(ref.sum(), h)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(gh_ours, gh_ref, rtol=0, atol=0)
