@@ -13,7 +13,8 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 def test_every_file_in_the_readme_map_exists():
     readme = (ROOT / "README.md").read_text()
-    files = re.findall(r"^\| `([\w./-]+)` \|", readme, re.M)
+    file_map = readme.split("\n## Files\n", 1)[1].split("\n## ", 1)[0]
+    files = re.findall(r"^\| `([\w./-]+)` \|", file_map, re.M)
     assert files, "README.md has no file map"
     missing = [f for f in files if not (ROOT / f).exists()]
     assert not missing, f"README.md maps files that do not exist: {missing}"
