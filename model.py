@@ -336,18 +336,18 @@ class Layout:
     """Everything attention needs besides q, k, v; built once per forward, shared by all blocks.
 
     backend "dense": q (B, T, H, hd) with a (B, 1, T, Tk) bool mask or plain causal (forward, generate).
-    backend "sdpa":  packed q (N, H, hd) regrouped into a (G, L) grid with a (G, 1, L, L) bool mask.
-                     G = 1, L = N is one flat block-diagonal mask; G = S, L = longest segment pads each
-                     segment to its own row (cheaper when there are many short segments).
+    backend "sdpa":  packed q (N, H, hd); one SDPA call per entry of `calls` (see _sdpa_layout), each on a
+                     padded (G, L) grid gathered from the packed rows, outputs scattered back by ungrid_index.
     backend "flash" / "varlen": cu_seqlens; for the shared-prompt layout two calls (see _varlen_packed).
     """
     backend: str
     window: int | None = None
     mask: torch.Tensor | None = None
     is_causal: bool = False
-    grid: tuple[int, int] = (1, 0)
-    grid_index: torch.Tensor | None = None     # (G*L,) packed row shown in each grid cell; None = identity
-    ungrid_index: torch.Tensor | None = None   # (N,) grid cell of each packed row
+    # sdpa: per call (q_index (G*Lq,) | None, kv_index (G*Lk,) | None, mask (G, 1, Lq, Lk) | None, (G, Lq, Lk));
+    # None index = all N rows in order; None mask = plain causal (is_causal: the kernel skips masked blocks)
+    calls: tuple = ()
+    ungrid_index: torch.Tensor | None = None   # (N,) row of cat(call outputs) holding each packed row
     # flash / varlen: call 1 over [prompt | chosen] of every segment
     main_index: torch.Tensor | None = None     # (N1,) packed rows of [prompt|chosen]; None = all rows
     cu_main: torch.Tensor | None = None
@@ -371,19 +371,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) ->
                                            attn_mask=layout.mask, is_causal=layout.is_causal, enable_gqa=gqa)
         return o.transpose(1, 2)                                            # (B, T, H, hd)
     if layout.backend == "sdpa":
-        G, L = layout.grid
-        q, k, v = (_to_grid(t, layout).transpose(1, 2) for t in (q, k, v))  # (G, H, L, hd)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, enable_gqa=gqa)  # (G, H, L, hd)
-        o = o.transpose(1, 2).reshape(G * L, q.shape[1], q.shape[3])       # (G*L, H, hd)
+        outs = []
+        for q_index, kv_index, mask, (G, Lq, Lk) in layout.calls:
+            qg = _to_grid(q, q_index, G, Lq)                                # (G, H, Lq, hd)
+            kg, vg = _to_grid(k, kv_index, G, Lk), _to_grid(v, kv_index, G, Lk)  # (G, Hkv, Lk, hd)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=gqa)                      # (G, H, Lq, hd)
+            outs.append(o.transpose(1, 2).reshape(G * Lq, *q.shape[1:]))   # (G*Lq, H, hd)
+        o = torch.cat(outs) if len(outs) > 1 else outs[0]
         return o if layout.ungrid_index is None else o.index_select(0, layout.ungrid_index)
     return _varlen_packed(q, k, v, layout)
 
 
-def _to_grid(t: torch.Tensor, layout: Layout) -> torch.Tensor:
-    G, L = layout.grid
-    if layout.grid_index is not None:
-        t = t.index_select(0, layout.grid_index)
-    return t.view(G, L, *t.shape[1:])                                       # (G, L, H, hd)
+def _to_grid(t: torch.Tensor, index: torch.Tensor | None, G: int, L: int) -> torch.Tensor:
+    """Packed (N, H, hd) -> (G, H, L, hd): the rows named by index (G*L,), or all N rows as one grid row."""
+    if index is not None:
+        t = t.index_select(0, index)
+    return t.view(G, L, *t.shape[1:]).transpose(1, 2)
 
 
 def _varlen_packed(q, k, v, layout: Layout) -> torch.Tensor:
@@ -436,34 +440,82 @@ def packed_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: in
 
 
 def _sdpa_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> Layout:
+    """Two ways to run a packed batch through SDPA; take the one that computes fewer attention scores:
+      flat:  one (N, N) mask over the whole stream: N^2 scores, no gathers;
+      grids: the varlen decomposition on padded grids (_grid_layout). Grid A, SA rows of LA = max(p + c):
+             SA * LA^2 scores, half that when it runs as plain is_causal (no window inside LA), as the
+             CPU kernel then skips the blocks above the diagonal. Grid B: SB * max(r) * max(p + r)."""
+    p, c, r = seg_lens.unbind(1)
+    N, m, has_r = int(seg_lens.sum()), p + c, r > 0
+    LA = int(m.max())
+    grid_cost = int((m > 0).sum()) * LA * LA // (2 if window is None or LA <= window else 1)
+    grid_cost += int(has_r.sum()) * int(r.max()) * int(((p + r) * has_r).max())
+    if N * N <= grid_cost:
+        return _flat_layout(seg_lens, position_ids, window)
+    return _grid_layout(seg_lens, position_ids, window)
+
+
+def _flat_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> Layout:
+    """One SDPA call over all N rows, with the contract's attention rule as one (1, 1, N, N) bool mask."""
     device = position_ids.device
-    lens = seg_lens.sum(1)                                                   # (S,)
-    S, N, Lmax = len(lens), int(lens.sum()), int(lens.max())
-    seg_id = torch.repeat_interleave(torch.arange(S), lens)                  # (N,)
+    S = len(seg_lens)
+    seg_id = torch.repeat_interleave(torch.arange(S), seg_lens.sum(1)).to(device)          # (N,)
     # (N,) branch of each token: 0 shared prompt, 1 chosen, 2 rejected
-    branch = torch.repeat_interleave(torch.arange(3).repeat(S), seg_lens.flatten())
-    seg_id, branch = seg_id.to(device), branch.to(device)
-    # One (N, N) mask costs N^2; padding each segment to its own row costs S * Lmax^2. Take the cheaper.
-    if S > 1 and S * Lmax * Lmax < N * N:
-        starts = (torch.cumsum(lens, 0) - lens).to(device)
-        local = torch.arange(Lmax, device=device)
-        valid = local[None, :] < lens.to(device)[:, None]                      # (S, Lmax)
-        grid_index = torch.where(valid, starts[:, None] + local[None, :], 0)   # (S, Lmax)
-        ungrid = seg_id * Lmax + torch.arange(N, device=device) - starts[seg_id]
-        seg_g = torch.where(valid, seg_id[grid_index], -1)                     # padding: segment -1
-        br_g, pos_g = branch[grid_index], position_ids[grid_index]
-        G, L, grid_index = S, Lmax, grid_index.flatten()
-    else:
-        seg_g, br_g, pos_g = seg_id[None], branch[None], position_ids[None]
-        G, L, grid_index, ungrid = 1, N, None, None
-    order = torch.arange(L, device=device)
-    mask = ((seg_g[:, :, None] == seg_g[:, None, :])                          # same segment
-            & (order[:, None] >= order[None, :])                              # causal in packed order
-            & ((br_g[:, None, :] == 0) | (br_g[:, None, :] == br_g[:, :, None])))  # rejected never sees chosen
-    if window is not None:                                                    # Mistral, in position space
-        mask &= (pos_g[:, :, None] - pos_g[:, None, :]) < window
-    mask |= torch.eye(L, dtype=torch.bool, device=device)                     # padding rows: no all-masked (NaN) row
-    return Layout("sdpa", window, mask=mask[:, None], grid=(G, L), grid_index=grid_index, ungrid_index=ungrid)
+    branch = torch.repeat_interleave(torch.arange(3).repeat(S), seg_lens.flatten()).to(device)
+    order = torch.arange(len(seg_id), device=device)
+    mask = ((seg_id[:, None] == seg_id[None, :])                                   # same segment
+            & (order[:, None] >= order[None, :])                                   # causal in packed order
+            & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None])))     # rejected never sees chosen
+    if window is not None:                                                         # Mistral, in position space
+        mask &= (position_ids[:, None] - position_ids[None, :]) < window
+    return Layout("sdpa", window, calls=((None, None, mask[None, None], (1, len(order), len(order))),))
+
+
+def _grid_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> Layout:
+    """Grid A: (S, max p+c) [prompt|chosen] rows, causal. Grid B (shared layout only): (S_r, max r) rejected
+    queries against (S_r, max p+r) [prompt|rejected] keys, causal aligned bottom-right (query k sees key p+k)."""
+    device = position_ids.device
+    main_index, main_lens, rej_index, rej_lens, kv_index, kv_lens = _split_indices(seg_lens)
+    qa, qa_valid, cells_a = _pad(main_index, main_lens, device)                    # (SA*LA,), (SA, LA), (N1,)
+    (SA, LA) = qa_valid.shape
+    # right padding never shows in a valid causal row, so grid A needs a mask only where the window binds
+    mask_a = None if window is None or LA <= window else _grid_mask(qa, qa_valid, qa, qa_valid, 0,
+                                                                    position_ids, window)
+    calls = [(qa, qa, mask_a, (SA, LA, LA))]
+    ungrid = torch.empty(int(seg_lens.sum()), dtype=torch.long)
+    ungrid[main_index] = cells_a
+    if len(rej_lens):
+        qb, qb_valid, cells_b = _pad(rej_index, rej_lens, device)                  # (SB*LBq,), (SB, LBq)
+        kb, kb_valid, _ = _pad(kv_index, kv_lens, device)                          # (SB*LBk,), (SB, LBk)
+        shift = (kv_lens - rej_lens).to(device)                                    # = p: bottom-right alignment
+        calls.append((qb, kb, _grid_mask(qb, qb_valid, kb, kb_valid, shift, position_ids, window),
+                      (*qb_valid.shape, kb_valid.shape[1])))
+        ungrid[rej_index] = len(qa) + cells_b
+    return Layout("sdpa", window, calls=tuple(calls), ungrid_index=ungrid.to(device))
+
+
+def _grid_mask(q_rows, q_valid, k_rows, k_valid, shift, position_ids, window) -> torch.Tensor:
+    """(G, 1, Lq, Lk) bool: key j of a grid row is visible to query i iff j <= i + shift (per row; 0 = plain
+    causal, k_len - q_len = bottom-right aligned) and within the window in position space."""
+    (G, Lq), Lk = q_valid.shape, k_valid.shape[1]
+    i, j = torch.arange(Lq, device=q_rows.device)[:, None], torch.arange(Lk, device=q_rows.device)[None, :]
+    mask = k_valid[:, None, :] & (j <= i + torch.as_tensor(shift).view(-1, 1, 1))  # (G, Lq, Lk)
+    if window is not None:
+        mask &= (position_ids[q_rows].view(G, Lq, 1) - position_ids[k_rows].view(G, 1, Lk)) < window
+    mask |= ~q_valid[:, :, None]                                   # padding rows: never all-masked (NaN)
+    return mask[:, None]
+
+
+def _pad(rows: torch.Tensor, lens: torch.Tensor, device):
+    """Ragged packed rows (sum(lens),) -> a padded (G, L) grid of them, flattened (G*L,) (padding cells show
+    row 0), the (G, L) valid mask (both on device), and the grid cell of each ragged row. G = len(lens)."""
+    G, L = len(lens), int(lens.max())
+    cells = _ranges(torch.arange(G) * L, lens)                                     # (sum(lens),)
+    grid = torch.zeros(G * L, dtype=torch.long)
+    grid[cells] = rows
+    valid = torch.zeros(G * L, dtype=torch.bool)
+    valid[cells] = True
+    return grid.to(device), valid.view(G, L).to(device), cells
 
 
 def _ranges(starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -477,16 +529,13 @@ def _cu(lens: torch.Tensor, device) -> torch.Tensor:
     return F.pad(torch.cumsum(lens, 0), (1, 0)).to(device=device, dtype=torch.int32)
 
 
-def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, device) -> Layout:
-    # Assumes position_ids run 0..p+c-1 over [prompt|chosen] and p..p+r-1 over rejected (the contract),
-    # so index distance inside each call equals position distance and window_size implements the window.
+def _split_indices(seg_lens: torch.Tensor):
+    """The two-call decomposition of a packed batch, as CPU index tensors into the N packed rows:
+    main_index (N1,) the [prompt|chosen] rows, in segments of main_lens; rej_index (N2,) the rejected rows,
+    in segments of rej_lens; kv_index (N3,) the [prompt|rejected] rows, in segments of kv_lens. Segments with
+    an empty part are left out of that part's lens (rej_lens is empty in the unshared layout)."""
     p, c, r = seg_lens.unbind(1)
-    lens = p + c + r
-    starts = torch.cumsum(lens, 0) - lens
-    main = (p + c)[(p + c) > 0]
-    layout = Layout(backend, window, cu_main=_cu(main, device), max_main=int(main.max()))
-    if int(r.sum()) == 0:     # unshared layout: every segment is one causal sequence, no gathers needed
-        return layout
+    starts = torch.cumsum(p + c + r, 0) - (p + c + r)
     has_r = r > 0
     main_index = _ranges(starts, p + c)
     rej_index = _ranges((starts + p + c)[has_r], r[has_r])
@@ -495,13 +544,23 @@ def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, dev
     kv = _ranges(torch.zeros_like(kv_lens), kv_lens)                          # offset inside [prompt|rejected]
     kv_seg = torch.repeat_interleave(torch.arange(len(kv_lens)), kv_lens)
     kv_index = starts[has_r][kv_seg] + kv + torch.where(kv >= p[has_r][kv_seg], c[has_r][kv_seg], 0)
+    return main_index, (p + c)[(p + c) > 0], rej_index, r[has_r], kv_index, kv_lens
+
+
+def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, device) -> Layout:
+    # Assumes position_ids run 0..p+c-1 over [prompt|chosen] and p..p+r-1 over rejected (the contract),
+    # so index distance inside each call equals position distance and window_size implements the window.
+    main_index, main_lens, rej_index, rej_lens, kv_index, kv_lens = _split_indices(seg_lens)
+    layout = Layout(backend, window, cu_main=_cu(main_lens, device), max_main=int(main_lens.max()))
+    if len(rej_lens) == 0:    # unshared layout: every segment is one causal sequence, no gathers needed
+        return layout
     perm = torch.cat([main_index, rej_index])
     unperm = torch.empty_like(perm)
     unperm[perm] = torch.arange(len(perm))
     layout.main_index, layout.rej_index, layout.rej_kv_index, layout.unperm_index = (
         t.to(device) for t in (main_index, rej_index, kv_index, unperm))
-    layout.cu_rej_q, layout.cu_rej_k = _cu(r[has_r], device), _cu(kv_lens, device)
-    layout.max_rej_q, layout.max_rej_k = int(r.max()), int(kv_lens.max())
+    layout.cu_rej_q, layout.cu_rej_k = _cu(rej_lens, device), _cu(kv_lens, device)
+    layout.max_rej_q, layout.max_rej_k = int(rej_lens.max()), int(kv_lens.max())
     return layout
 
 

@@ -180,27 +180,52 @@ def test_packed_equals_per_sequence_and_shared_equals_unshared(family):
     torch.testing.assert_close(hs[rows_shared], h[rows_unshared], atol=1e-5, rtol=1e-5)
 
 
-def test_flat_and_grid_masks_agree():
-    """The SDPA path picks one (N, N) mask or per-segment rows by cost; both must give the same result."""
-    model = family_models()["mistral"]
-    pairs = random_pairs(4, seed=3)
+def extreme_pairs(seed=0):
+    """Segments with very different p / c / r: r = 1, c = 1, prompts longer than Mistral's window of 4."""
+    g = torch.Generator().manual_seed(seed)
+    tok = lambda k: torch.randint(0, V, (k,), generator=g).tolist()
+    return [(tok(p), tok(c), tok(r)) for p, c, r in [(11, 1, 1), (1, 7, 9), (6, 3, 1), (2, 1, 12), (9, 12, 2)]]
+
+
+@pytest.mark.parametrize("family", ["mistral", "opt"])
+def test_flat_and_grid_layouts_agree(family):
+    """The SDPA path picks one (N, N) mask or the two padded grids by cost; both, and the unshared layout,
+    must give the same hidden states and gradients, on segments with very different p / c / r."""
+    model = family_models()[family]
+    pairs = extreme_pairs()
     x, pos, seg = pack(pairs, shared=True)
-    grid = M._sdpa_layout(seg, pos, 4)
-    assert grid.grid[0] == len(seg)                    # several short segments -> per-segment grid
-    flat = M._sdpa_layout(seg[:1], pos[:int(seg[0].sum())], 4)
-    assert flat.grid[0] == 1
+    w = model.config.sliding_window
+    assert len(M._sdpa_layout(seg, pos, w).calls) == 2          # the cost rule takes the two grids here
+    outs = []
+    for layout in (M._flat_layout(seg, pos, w), M._grid_layout(seg, pos, w)):
+        model.zero_grad()
+        h = model._trunk(x, pos, layout)
+        (h * torch.linspace(-1, 1, h.numel()).view_as(h)).sum().backward()
+        outs.append((h.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (h0, g0), (h1, g1) = outs
+    torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g0, g1):   # float32 rounding, relative to each gradient's scale
+        torch.testing.assert_close(b, a, atol=1e-5 * max(1.0, float(a.abs().max())), rtol=1e-4)
+    # and the shared rows equal the unshared layout's (prompt + chosen from the chosen sequence, rejected
+    # from the rejected one), which the cost rule runs as one per-segment grid
+    xu, posu, segu = pack(pairs, shared=False)
+    assert len(M._sdpa_layout(segu, posu, w).calls) == 1 and M._sdpa_layout(segu, posu, w).ungrid_index is not None
     with torch.no_grad():
-        h_grid = model.packed_hidden(x, pos, seg)
-        n0 = int(seg[0].sum())
-        h_one = model.packed_hidden(x[:n0], pos[:n0], seg[:1])
-    torch.testing.assert_close(h_grid[:n0], h_one, atol=1e-5, rtol=1e-5)
+        hu = model.packed_hidden(xu, posu, segu)
+    rows_s, rows_u, s0, u = [], [], 0, 0
+    for p, c, r in pairs:
+        rows_s += list(range(s0, s0 + len(p) + len(c) + len(r)))
+        rej_u = u + 2 * len(p) + len(c)
+        rows_u += list(range(u, u + len(p) + len(c))) + list(range(rej_u, rej_u + len(r)))
+        s0, u = s0 + len(p) + len(c) + len(r), u + 2 * len(p) + len(c) + len(r)
+    torch.testing.assert_close(h1[rows_s], hu[rows_u], atol=1e-5, rtol=1e-5)
 
 
 def test_shared_mask_rule():
-    """The mask itself, on one segment (p=2, c=2, r=2): rejected rows never see chosen columns."""
+    """The masks themselves, on one segment (p=2, c=2, r=2): rejected rows never see chosen columns."""
     seg = torch.tensor([[2, 2, 2]])
     pos = torch.tensor([0, 1, 2, 3, 2, 3])
-    m = M._sdpa_layout(seg, pos, None).mask[0, 0].int()
+    m = M._flat_layout(seg, pos, None).calls[0][2][0, 0].int()
     expected = torch.tensor([[1, 0, 0, 0, 0, 0],
                              [1, 1, 0, 0, 0, 0],
                              [1, 1, 1, 0, 0, 0],
@@ -208,8 +233,24 @@ def test_shared_mask_rule():
                              [1, 1, 0, 0, 1, 0],
                              [1, 1, 0, 0, 1, 1]])
     assert torch.equal(m, expected)
-    w = M._sdpa_layout(seg, pos, 2).mask[0, 0].int()       # window 2 in position space
+    w = M._flat_layout(seg, pos, 2).calls[0][2][0, 0].int()       # window 2 in position space
     assert w[5].tolist() == [0, 0, 0, 0, 1, 1] and w[4].tolist() == [0, 1, 0, 0, 1, 0]
+    # the two grids: A = [prompt|chosen] rows 0..3 causal; B = rejected rows 4, 5 against keys 0, 1, 4, 5
+    (qa, ka, ma, _), (qb, kb, mb, _) = M._grid_layout(seg, pos, None).calls
+    assert qa.tolist() == ka.tolist() == [0, 1, 2, 3] and ma is None     # None: plain is_causal
+    assert qb.tolist() == [4, 5] and kb.tolist() == [0, 1, 4, 5]
+    assert torch.equal(mb[0, 0].int(), expected[4:][:, [0, 1, 4, 5]])
+    (_, _, ma, _), (_, _, mb, _) = M._grid_layout(seg, pos, 2).calls
+    assert torch.equal(mb[0, 0].int(), w[4:][:, [0, 1, 4, 5]]) and torch.equal(ma[0, 0].int(), w[:4, :4])
+    # padding: a second segment (p=1, c=0, r=1) pads grid A's row to 4 and grid B's rejected rows to 2 / keys to 4
+    seg2 = torch.tensor([[2, 2, 2], [1, 0, 1]])
+    lay = M._grid_layout(seg2, torch.cat([pos, torch.tensor([0, 1])]), None)
+    (qa, _, ma, shape_a), (qb, kb, mb, shape_b) = lay.calls
+    assert shape_a == (2, 4, 4) and shape_b == (2, 2, 4)
+    assert qa.tolist() == [0, 1, 2, 3, 6, 0, 0, 0] and qb.tolist() == [4, 5, 7, 0]
+    assert kb.tolist() == [0, 1, 4, 5, 6, 7, 0, 0]
+    assert mb[1, 0].int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]   # row 7 sees 6, 7; the padding row sees all
+    assert lay.ungrid_index.tolist() == [0, 1, 2, 3, 8, 9, 4, 10]
 
 
 def test_varlen_layout_indices():
