@@ -91,9 +91,9 @@ def barrier() -> None:
 
 
 def all_reduce_sum(values: dict[str, float], device) -> dict[str, float]:
-    """Sum each value over ranks (one collective for the whole dict)."""
+    """Sum each value (a number or a 0-d tensor) over ranks: one collective and one host sync for the dict."""
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in keys])
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))

@@ -339,15 +339,16 @@ def micro_batch_loss(model, batch, lam: float, n_pairs_total: float, n_nll_total
     seq = sequence_logps(logps, batch.tgt_seq, batch.tgt_response, 2 * P)               # (2P,)
     chosen_logps, rejected_logps = seq[:P], seq[P:]
     nll_sum = -logps[batch.tgt_nll].float().sum()                                       # L_SFT numerator
-    n_nll = int(batch.tgt_nll.sum())
     # orpo_loss averages over the P pairs of this micro-batch; reweight to the global totals:
     # w * (nll/w + lam * mean L_OR) = nll_sum/n_nll_total + lam * sum L_OR / n_pairs_total
     w = P / n_pairs_total
     chosen_nll = nll_sum / n_nll_total / w
     loss, m = orpo.orpo_loss(chosen_logps, rejected_logps, chosen_nll, lam=lam)
-    sums = {k: float(m[k]) * P for k in ("or_loss", "log_odds", "chosen_logps", "rejected_logps",
-                                         "reward_acc", "reward_margin")}
-    sums.update(nll_sum=float(nll_sum.detach()), n_nll=n_nll, n_pairs=P, n_tokens=batch.num_tokens)
+    # metric sums stay device tensors: reading them here (float()) would make the host wait for this
+    # forward before it can launch the backward; train_step syncs once per optimizer step instead
+    sums = {k: m[k] * P for k in ("or_loss", "log_odds", "chosen_logps", "rejected_logps",
+                                  "reward_acc", "reward_margin")}
+    sums.update(nll_sum=nll_sum.detach(), n_nll=batch.tgt_nll.sum(), n_pairs=P, n_tokens=batch.num_tokens)
     return loss * w, sums
 
 
@@ -368,7 +369,7 @@ def add_into(total: dict, part: dict) -> None:
 def train_step(model, micro_batches, lam, device, world_size, autocast):
     """Forward/backward over the micro-batches of one optimizer step; returns global metric sums."""
     counts = dist.all_reduce_sum({"pairs": sum(b.n_pairs for b in micro_batches),
-                                  "nll": sum(int(b.tgt_nll.sum()) for b in micro_batches)}, device)
+                                  "nll": sum(b.n_nll_tokens for b in micro_batches)}, device)
     sums = {}
     for batch in micro_batches:
         batch = batch.to(device)
