@@ -4,12 +4,12 @@ Hugging Face safetensors checkpoints, with a padding-free packed forward for ORP
 
 Reading order:
   1. ModelConfig  - one dataclass; the differences between the four families are behaviour flags.
-  2. Attention    - ONE function, `attend`, that dispatches to flash-attn / torch varlen / SDPA,
+  2. Attention    - ONE function, `attend`, that dispatches to flash-attn / torch varlen / flex / SDPA,
                     plus the "layout" (masks, index tensors) it reads, built once per forward.
   3. Transformer  - embeddings, blocks, final norm, lm_head; packed_hidden, token_logps, generate.
   4. Checkpoints  - Hub download, per-family name maps, strict loading, sharded saving.
 
-The packed batch (see contract.md / data.py): N tokens in one flat stream, S segments,
+The packed batch (data.PackedBatch): N tokens in one flat stream, S segments,
 seg_lens[s] = (shared_len, chosen_len, rejected_len). A token attends to earlier tokens of its own
 segment, and a rejected token never sees a chosen one (issue 9: the prompt is computed once and
 shared by both answers). Rejected positions restart at the end of the prompt, so every chosen and
@@ -278,16 +278,17 @@ PRESETS: dict[str, str | ModelConfig] = {
 
 
 # -----------------------------------------------------------------------------
-# 2. Attention: one function, three kernels, and the layout they read
+# 2. Attention: one function, four kernels, and the layout they read
 
 
-_BACKENDS = ("auto", "sdpa", "flash", "varlen")
+_BACKENDS = ("auto", "sdpa", "flash", "varlen", "flex")
 _backend = os.environ.get("ORPO_ATTENTION", "auto")
 
 
 def set_attention_backend(name: str) -> str:
-    """Force a kernel: "auto" (flash-attn > torch varlen > SDPA), "sdpa", "flash" or "varlen".
-    Returns the previous choice (tests restore it). The env var ORPO_ATTENTION sets the initial one."""
+    """Force a kernel: "auto" (flash-attn > torch varlen > SDPA), "sdpa", "flash", "varlen" or "flex".
+    Returns the previous choice (tests restore it). The env var ORPO_ATTENTION sets the initial one.
+    "flex" is opt-in: it has not yet been measured faster than the varlen kernels on a GPU."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {_BACKENDS}")
@@ -314,6 +315,20 @@ def _torch_varlen():
     return varlen_attn, set(inspect.signature(varlen_attn).parameters)
 
 
+@functools.cache
+def _flex(device_type: str):
+    """(flex_attention, create_block_mask) for this device, or None before torch 2.5. On CUDA the kernel is
+    torch.compile'd (eager flex materialises every score); on the CPU it stays eager, forward only."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    if device_type == "cuda":
+        # dynamic: every packed batch has another length N; one compiled kernel serves them all
+        return torch.compile(flex_attention, dynamic=True), functools.partial(create_block_mask, _compile=True)
+    return flex_attention, create_block_mask
+
+
 def _pick_backend(device: torch.device, dtype: torch.dtype, window: int | None) -> str:
     # flash kernels are CUDA-only and half-precision-only; fp32 or CPU tensors take the SDPA path
     fast_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
@@ -324,11 +339,25 @@ def _pick_backend(device: torch.device, dtype: torch.dtype, window: int | None) 
     if _backend == "varlen" and not varlen_ok:
         raise RuntimeError("attention backend 'varlen' needs torch.nn.attention.varlen on fp16/bf16 CUDA tensors "
                            "(and torch >= 2.12 for a sliding window)")
-    if _backend in ("sdpa", "flash", "varlen"):
+    if _backend == "flex":
+        if _flex(device.type) is None:
+            raise RuntimeError("attention backend 'flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+        if device.type != "cuda" and torch.is_grad_enabled():
+            raise RuntimeError("attention backend 'flex' has no backward on the CPU (torch's flex_attention "
+                               "trains on CUDA only); use 'sdpa' to train on the CPU, or run under torch.no_grad()")
+    if _backend != "auto":
         return _backend
     if fast_ok and _flash_varlen():
         return "flash"
     return "varlen" if varlen_ok else "sdpa"
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype attention will see: autocast's when autocast is on for the weight's device (float32 master
+    weights under bf16 autocast compute in bf16, and must get the bf16 kernels), else the weight's own."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
 
 
 @dataclass
@@ -339,6 +368,7 @@ class Layout:
     backend "sdpa":  packed q (N, H, hd); one SDPA call per entry of `calls` (see _sdpa_layout), each on a
                      padded (G, L) grid gathered from the packed rows, outputs scattered back by ungrid_index.
     backend "flash" / "varlen": cu_seqlens; for the shared-prompt layout two calls (see _varlen_packed).
+    backend "flex":  one flex_attention call over the whole packed stream with a BlockMask (see _flex_layout).
     """
     backend: str
     window: int | None = None
@@ -360,6 +390,8 @@ class Layout:
     max_rej_q: int = 0
     max_rej_k: int = 0
     unperm_index: torch.Tensor | None = None   # (N,) row of cat(call 1, call 2) holding each packed row
+    # flex: which 128 x 128 tiles of the (N, N) score matrix to compute, and the rule inside partial tiles
+    block_mask: object = None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -380,6 +412,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) ->
             outs.append(o.transpose(1, 2).reshape(G * Lq, *q.shape[1:]))   # (G*Lq, H, hd)
         o = torch.cat(outs) if len(outs) > 1 else outs[0]
         return o if layout.ungrid_index is None else o.index_select(0, layout.ungrid_index)
+    if layout.backend == "flex":
+        flex_attention, _ = _flex(q.device.type)
+        qf, kf, vf = (t.transpose(0, 1)[None] for t in (q, k, v))                  # (1, H, N, hd)
+        return flex_attention(qf, kf, vf, block_mask=layout.block_mask, enable_gqa=gqa)[0].transpose(0, 1)
     return _varlen_packed(q, k, v, layout)
 
 
@@ -436,6 +472,8 @@ def packed_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: in
     backend = _pick_backend(device, dtype, window)
     if backend == "sdpa":
         return _sdpa_layout(seg_lens, position_ids, window)
+    if backend == "flex":
+        return _flex_layout(seg_lens, position_ids, window)
     return _varlen_layout(seg_lens, window, backend, device)
 
 
@@ -455,20 +493,45 @@ def _sdpa_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int
     return _grid_layout(seg_lens, position_ids, window)
 
 
-def _flat_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> Layout:
-    """One SDPA call over all N rows, with the contract's attention rule as one (1, 1, N, N) bool mask."""
-    device = position_ids.device
+def _token_tags(seg_lens: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) segment of each packed token, and (N,) its branch: 0 shared prompt, 1 chosen, 2 rejected."""
     S = len(seg_lens)
-    seg_id = torch.repeat_interleave(torch.arange(S), seg_lens.sum(1)).to(device)          # (N,)
-    # (N,) branch of each token: 0 shared prompt, 1 chosen, 2 rejected
+    seg_id = torch.repeat_interleave(torch.arange(S), seg_lens.sum(1)).to(device)
     branch = torch.repeat_interleave(torch.arange(3).repeat(S), seg_lens.flatten()).to(device)
-    order = torch.arange(len(seg_id), device=device)
-    mask = ((seg_id[:, None] == seg_id[None, :])                                   # same segment
-            & (order[:, None] >= order[None, :])                                   # causal in packed order
-            & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None])))     # rejected never sees chosen
-    if window is not None:                                                         # Mistral, in position space
-        mask &= (position_ids[:, None] - position_ids[None, :]) < window
+    return seg_id, branch
+
+
+def _visible(seg_id, branch, position_ids, window, q, k):
+    """The attention rule of a packed batch, for query rows q and key rows k (any broadcastable shapes):
+    same segment, causal in packed order, a rejected token never sees a chosen one, and Mistral's window
+    in position space. The flat SDPA mask and the flex mask_mod both evaluate exactly this."""
+    visible = (seg_id[q] == seg_id[k]) & (q >= k) & ((branch[k] == 0) | (branch[k] == branch[q]))
+    if window is not None:
+        visible = visible & ((position_ids[q] - position_ids[k]) < window)
+    return visible
+
+
+def _flat_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> Layout:
+    """One SDPA call over all N rows, with the attention rule as one (1, 1, N, N) bool mask."""
+    seg_id, branch = _token_tags(seg_lens, position_ids.device)
+    order = torch.arange(len(seg_id), device=position_ids.device)
+    mask = _visible(seg_id, branch, position_ids, window, order[:, None], order[None, :])        # (N, N)
     return Layout("sdpa", window, calls=((None, None, mask[None, None], (1, len(order), len(order))),))
+
+
+def _flex_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> Layout:
+    """flex_attention over the whole stream: the same rule as _flat_layout, as a mask_mod. create_block_mask
+    evaluates it once per forward and keeps, per 128-row query tile, the key tiles that have any visible
+    pair, so the kernel skips other segments and, in the shared layout, the chosen x rejected tiles."""
+    device = position_ids.device
+    seg_id, branch = _token_tags(seg_lens, device)
+
+    def mask_mod(b, h, q, k):
+        return _visible(seg_id, branch, position_ids, window, q, k)
+
+    N = len(seg_id)
+    _, create_block_mask = _flex(device.type)
+    return Layout("flex", window, block_mask=create_block_mask(mask_mod, None, None, N, N, device=device))
 
 
 def _grid_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> Layout:
@@ -770,7 +833,7 @@ class Transformer(nn.Module):
             raise ValueError(f"packed batch mismatch: input_ids {tuple(input_ids.shape)}, position_ids "
                              f"{tuple(position_ids.shape)}, seg_lens summing to {int(seg_lens.sum())}")
         layout = packed_layout(seg_lens.cpu(), position_ids, self.config.sliding_window,
-                               self.tok_embeddings.weight.dtype)
+                               compute_dtype(self.tok_embeddings.weight))
         return self._trunk(input_ids, position_ids, layout)
 
     def token_logps(self, hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,

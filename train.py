@@ -20,7 +20,6 @@ tensor by tensor, so that no rank ever holds the whole model in host memory.
 """
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -73,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype; auto = bfloat16 on CUDA, float32 on CPU (master weights are always float32)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    g.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"],
-                   help="attention kernel; flash needs CUDA and the flash-attn package")
+    g.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "varlen", "flex"],
+                   help="attention kernel; auto = flash-attn, else torch varlen, else SDPA. flash, varlen (torch "
+                        ">= 2.10) and flex (torch.compile'd flex_attention, opt-in) need CUDA")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     g.add_argument("--model-config", default=None, help=argparse.SUPPRESS)  # JSON overrides of a preset (tests)
@@ -498,13 +498,19 @@ def resolve_dtype(name: str, device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def check_attention(args, device) -> None:
+def check_attention(args, device, compute_dtype, config) -> None:
+    """Fail before any work if the requested kernel cannot run here (it would fail in the first forward)."""
     import model as model_lib
 
-    if args.attention == "flash" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
-        raise UserError("--attention flash needs a CUDA device and the flash-attn package "
-                        "(pip install -r requirements-gpu.txt); use --attention auto or sdpa")
     model_lib.set_attention_backend(args.attention)
+    if args.attention == "auto":
+        return
+    try:
+        with torch.enable_grad():     # training needs the backward (flex has none on the CPU)
+            model_lib._pick_backend(device, compute_dtype, config.sliding_window)
+    except RuntimeError as e:
+        hint = " (pip install -r requirements-gpu.txt)" if args.attention == "flash" else ""
+        raise UserError(f"--attention {args.attention}: {e}{hint}; use --attention auto or sdpa") from None
 
 
 def run(args) -> dict:
@@ -516,11 +522,11 @@ def run(args) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     compute_dtype = resolve_dtype(args.dtype, device)
-    check_attention(args, device)
     torch.manual_seed(args.seed)
 
     # model config + tokenizer, then data (tokenization does not need the weights)
     config, ckpt_dir = resolve_model(args.model, args.model_config)
+    check_attention(args, device, compute_dtype, config)
     tok = load_tokenizer(args, ckpt_dir)
     train_pairs, eval_pairs = load_data(args, tok, rank, world_size)
 

@@ -3,8 +3,10 @@
 model.py at Mistral-7B's layer shapes (dim 4096, 32 heads, 8 KV heads, FFN 14336, vocab 32000), with fewer
 layers so that one GPU holds it with its AdamW state (--layers). The step is train.py's: float32 master
 weights, bfloat16 autocast, train.train_step on padding-free packed batches (shared-prompt layout by
-default), grad clipping, fused AdamW. Attention: flash-attn's varlen kernels when installed, else torch's
-varlen attention (torch >= 2.10), else SDPA with a mask (model.set_attention_backend, --attention).
+default), grad clipping, fused AdamW. One run measures every kernel in --kernels (flash-attn's varlen, torch's
+varlen attention, compiled flex_attention, SDPA; "auto" = what train.py would pick) in every packing layout
+in --layouts (shared prompt: two varlen calls per layer; unshared: the prompt computed twice), one table row
+each, on the same batches, so the rows compare kernels and layouts on identical work.
 
 Batches: real HH-RLHF pairs (../shared/data, Llama-2 tokenizer) when present, else synthetic pairs with
 HH-RLHF-like lengths; pairs are packed until --max-tokens tokens per step.
@@ -19,10 +21,12 @@ Reported:
                counted. Peak: dense bf16 tensor-core FLOP/s by device name (e.g. H100/H200 989 TFLOP/s),
                or --peak-tflops.
   memory       torch.cuda.max_memory_allocated over the timed steps
-Checks: the loss is finite; the fast path's per-token log-probs and logits equal the SDPA path's within
-bf16 tolerance, in both layouts (shared prompt: two varlen calls; unshared: one).
+Checks, per kernel: the loss is finite; its per-token log-probs and logits equal the SDPA path's within bf16
+tolerance, in both layouts. Kernels not available here (no flash-attn package, torch too old) are reported
+as skipped, not timed.
 
-    python benchmarks/gpu.py                 # 8 layers, 16k tokens per step, 3 warmup + 10 timed steps
+    python benchmarks/gpu.py                 # auto kernel, both layouts, 8 layers, 16k tokens per step
+    python benchmarks/gpu.py --kernels flash,varlen,flex --layouts shared,unshared
     python benchmarks/gpu.py --layers 16 --max-tokens 32768 --activation-checkpointing
 """
 import argparse
@@ -52,10 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens per step (pairs are packed up to this)")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--attention", default="auto", choices=["auto", "flash", "varlen", "sdpa"],
-                   help="attention kernel for the timed steps (auto: flash-attn > torch varlen > SDPA)")
-    p.add_argument("--no-shared-prompt", dest="shared_prompt", action="store_false",
-                   help="pack prompt|chosen and prompt|rejected separately (the prompt computed twice)")
+    p.add_argument("--kernels", default="auto",
+                   help="comma list of attention kernels to time: auto (flash-attn > torch varlen > SDPA), flash, "
+                        "varlen, flex, sdpa")
+    p.add_argument("--layouts", default="shared,unshared",
+                   help="comma list: shared (prompt computed once) and/or unshared (prompt packed with each answer)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU (default: by device name)")
     p.add_argument("--lam", type=float, default=0.1)
@@ -90,39 +95,40 @@ def step_flops(config, n_matmul_params: int, batch) -> float:
 # batches
 
 def make_batches(args, n_steps: int):
-    """Pack random pairs into batches of at most --max-tokens tokens (shared or unshared count)."""
+    """Random pairs grouped into n_steps steps of at most --max-tokens tokens as the UNSHARED layout counts
+    them, so that the same pairs fit in either layout: every row trains on identical pairs, step by step.
+    Returns the groups (lists of TokenizedPair), their pair tokens (prompt counted with each answer) and
+    where the pairs came from."""
     import data as data_lib
     from step import load_pairs
     pairs, source = load_pairs(args.max_length, args.seed)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(pairs))
-    cost = lambda pr: len(pr[0]) + len(pr[1]) + len(pr[2]) + (0 if args.shared_prompt else len(pr[0]))
-    batches, cur, used, k = [], [], 0, 0
-    while len(batches) < n_steps:
+    cost = lambda pr: 2 * len(pr[0]) + len(pr[1]) + len(pr[2])
+    groups, cur, used, k = [], [], 0, 0
+    while len(groups) < n_steps:
         pr = pairs[order[k % len(order)]]
         k += 1
         if cost(pr) > args.max_tokens:
             continue
         if used + cost(pr) > args.max_tokens:
-            batches.append(cur)
+            groups.append(cur)
             cur, used = [], 0
         cur.append(pr)
         used += cost(pr)
-    packed = [data_lib.pack_pairs([data_lib.TokenizedPair(*(np.asarray(x, np.int32) for x in pr)) for pr in b],
-                                  shared_prompt=args.shared_prompt, prompt_loss=True) for b in batches]
-    pair_tokens = [sum(2 * len(p) + len(c) + len(r) for p, c, r in b) for b in batches]
-    return packed, pair_tokens, source
+    to_pair = lambda pr: data_lib.TokenizedPair(*(np.asarray(x, np.int32) for x in pr))
+    return [[to_pair(pr) for pr in g] for g in groups], [sum(map(cost, g)) for g in groups], source
 
 
 # -----------------------------------------------------------------------------
 # fast path == SDPA path
 
 @torch.no_grad()
-def check_against_sdpa(model, pairs_batches, backend: str, autocast) -> bool:
-    """Per-token log-probs and lm_head logits of the fast kernel vs SDPA with an explicit mask, bf16."""
+def check_against_sdpa(model, small_batches, backend: str, autocast) -> bool:
+    """Per-token log-probs and lm_head logits of a kernel vs SDPA with an explicit mask, bf16, each layout."""
     import model as model_lib
     ok = True
-    for layout, b in pairs_batches:
+    for layout, b in small_batches:
         out = {}
         for name in (backend, "sdpa"):
             previous = model_lib.set_attention_backend(name)
@@ -148,12 +154,80 @@ def check_against_sdpa(model, pairs_batches, backend: str, autocast) -> bool:
 
 
 # -----------------------------------------------------------------------------
+# one row: a kernel x a layout
+
+def resolve_kernel(name: str, device, window) -> tuple[str | None, str]:
+    """The backend model.py would run for --kernels entry `name` here, or (None, why it cannot run)."""
+    import model as model_lib
+    previous = model_lib.set_attention_backend(name)
+    try:
+        with torch.enable_grad():
+            return model_lib._pick_backend(device, torch.bfloat16, window), ""
+    except RuntimeError as e:
+        return None, str(e)
+    finally:
+        model_lib.set_attention_backend(previous)
+
+
+def time_row(model, optimizer, backend: str, batches, args, device, autocast) -> dict:
+    """--warmup untimed then --steps timed optimizer steps with one kernel on one layout's batches."""
+    import model as model_lib
+    import train
+    previous = model_lib.set_attention_backend(backend)
+    times, losses = [], []
+    try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        for i, batch in enumerate(batches):
+            sync(device)
+            t = time.perf_counter()
+            sums = train.train_step(model, [batch], args.lam, device, 1, autocast)
+            train.clip_grad_norm(model, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync(device)
+            dt = time.perf_counter() - t
+            losses.append(train.finish_metrics(sums, args.lam)["loss"])
+            if i >= args.warmup:
+                times.append(dt)
+    finally:
+        model_lib.set_attention_backend(previous)
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return dict(times=times, losses=losses, mem=mem, timed=batches[args.warmup:])
+
+
+def print_table(name, config, n_params, n_matmul, peak, rows, pair_tokens):
+    print(f"\n| GPU | layers | params | attention | layout | tokens/step | step (median) | tokens/s | pair tokens/s | "
+          f"TFLOP/s | MFU | peak memory |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (backend, layout), r in rows.items():
+        total_s = sum(r["times"])
+        tokens = sum(b.num_tokens for b in r["timed"])
+        tflops = sum(step_flops(config, n_matmul, b) for b in r["timed"]) / total_s / 1e12
+        print(f"| {name} | {config.n_layers} | {n_params / 1e9:.2f}B | {backend} | {layout} | "
+              f"{tokens / len(r['timed']):,.0f} | {1000 * statistics.median(r['times']):,.0f} ms | "
+              f"{tokens / total_s:,.0f} | {sum(pair_tokens) / total_s:,.0f} | {tflops:,.1f} | "
+              f"{f'{100 * tflops / peak:.1f}%' if peak else '-'} | {r['mem']:.1f} GiB |")
+    print(f"\nMFU = model FLOPs (6 x {n_matmul / 1e9:.2f}B matmul params x tokens + attention) / time / "
+          f"{f'{peak:.0f} TFLOP/s' if peak else 'unknown peak'}. pair tokens/s: the same pairs in every row, "
+          f"the prompt counted with each answer.")
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available() and not args.smoke_cpu:
         print("benchmarks/gpu.py needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
               "use benchmarks/step.py on the CPU.")
+        return 2
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    kernels = [x.strip() for x in args.kernels.split(",") if x.strip()]
+    bad = [x for x in layouts if x not in ("shared", "unshared")] + \
+          [x for x in kernels if x not in ("auto", "flash", "varlen", "flex", "sdpa")]
+    if bad or not layouts or not kernels:
+        print(f"unknown or empty --kernels / --layouts entry: {', '.join(bad) or 'none given'}")
         return 2
     import data as data_lib
     import model as model_lib
@@ -169,12 +243,18 @@ def main(argv=None) -> int:
         config = model_lib.ModelConfig(family="mistral", vocab_size=32000, dim=4096, n_layers=args.layers, n_heads=32,
                                        n_kv_heads=8, ffn_dim=14336, max_seq_len=32768, rope_theta=10000.0,
                                        sliding_window=None)
-    previous = model_lib.set_attention_backend(args.attention)
-    compute_dtype = torch.bfloat16
-    backend = model_lib._pick_backend(device, compute_dtype, config.sliding_window)
-    model_lib.set_attention_backend(previous)
     name = "cpu (smoke)" if args.smoke_cpu else torch.cuda.get_device_name(device)
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    backends = {}
+    for k in kernels:
+        backend, why = resolve_kernel(k, device, config.sliding_window)
+        if backend is None:
+            print(f"kernel {k}: skipped, {why}")
+        elif backend not in backends.values():
+            backends[k] = backend
+    if not backends:
+        print("none of --kernels can run here")
+        return 2
 
     t0 = time.time()
     try:
@@ -186,72 +266,42 @@ def main(argv=None) -> int:
         n_matmul = n_params - model.tok_embeddings.weight.numel() * (not config.tie_embeddings)
         opt_args = argparse.Namespace(lr=1e-5, beta1=0.9, beta2=0.95, weight_decay=0.0)
         optimizer = train.build_optimizer(opt_args, model, device)
-        autocast = torch.autocast(device.type, dtype=compute_dtype)
-        batches, pair_tokens, source = make_batches(args, args.warmup + args.steps)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+        groups, pair_tokens, source = make_batches(args, args.warmup + args.steps)
+        packed = {layout: [data_lib.pack_pairs(g, shared_prompt=layout == "shared", prompt_loss=True).to(device)
+                           for g in groups] for layout in layouts}
         print(f"device {name} | peak {f'{peak:.0f} TFLOP/s bf16 dense' if peak else 'unknown (use --peak-tflops)'} | "
-              f"attention {backend} | torch {torch.__version__}")
+              f"kernels {', '.join(f'{k}={b}' for k, b in backends.items())} | torch {torch.__version__}")
         print(f"model: Mistral-7B layer shapes, {config.n_layers} layers, {n_params / 1e9:.2f}B params "
               f"(fp32 master, bf16 autocast), built in {time.time() - t0:.0f}s | data: {source} | "
-              f"{'shared-prompt' if args.shared_prompt else 'unshared'} packing, <= {args.max_tokens} tokens/step")
+              f"{len(groups)} steps of the same pairs per row, <= {args.max_tokens} tokens/step unshared")
 
-        # correctness first, on a small batch of each layout (SDPA's dense mask is quadratic in memory)
-        small = make_small_pairs(batches)
-        if backend == "sdpa" and not args.smoke_cpu:
-            print("check skipped: no flash-attn / torch varlen kernel on this device, SDPA is the path timed")
-            checked = True
-        else:   # (smoke-cpu compares SDPA with itself: it only exercises the code)
-            checked = check_against_sdpa(model, [
-                ("shared", data_lib.pack_pairs(small, shared_prompt=True).to(device)),
-                ("unshared", data_lib.pack_pairs(small, shared_prompt=False).to(device))], backend, autocast)
+        # correctness first, on a few pairs in each layout (SDPA's dense mask is quadratic in memory)
+        small = [(lay, data_lib.pack_pairs(groups[0][:8], shared_prompt=lay == "shared").to(device))
+                 for lay in ("shared", "unshared")]
+        checked = {b: b == "sdpa" or check_against_sdpa(model, small, b, autocast) for b in backends.values()}
+        if args.smoke_cpu and "sdpa" in backends.values():   # the CPU has no other kernel: exercise the code
+            checked["sdpa"] = check_against_sdpa(model, small, "sdpa", autocast)
 
-        # timed steps
-        previous = model_lib.set_attention_backend(args.attention)
-        times, losses = [], []
-        torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
-        for i, batch in enumerate(batches):
-            sync(device)
-            t = time.perf_counter()
-            sums = train.train_step(model, [batch], args.lam, device, 1, autocast)
-            train.clip_grad_norm(model, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync(device)
-            dt = time.perf_counter() - t
-            loss = train.finish_metrics(sums, args.lam)["loss"]
-            losses.append(loss)
-            if i >= args.warmup:
-                times.append((dt, batch, pair_tokens[i]))
-        model_lib.set_attention_backend(previous)
+        rows = {}
+        for backend in backends.values():
+            for layout in layouts:
+                t = time.time()
+                rows[backend, layout] = time_row(model, optimizer, backend, packed[layout], args, device, autocast)
+                print(f"timed {backend} / {layout}: {len(rows[backend, layout]['times'])} steps in "
+                      f"{time.time() - t:.0f}s (incl. warmup and any compilation)")
     except torch.cuda.OutOfMemoryError:
         print(f"out of GPU memory with {args.layers} layers and {args.max_tokens} tokens per step; "
               "try fewer --layers, fewer --max-tokens or --activation-checkpointing.")
         return 2
 
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    step_s = [dt for dt, _, _ in times]
-    total_s = sum(step_s)
-    tokens = sum(b.num_tokens for _, b, _ in times)
-    flops = sum(step_flops(config, n_matmul, b) for _, b, _ in times)
-    tflops = flops / total_s / 1e12
-    finite = all(math.isfinite(l) for l in losses)
-    print(f"\n| GPU | layers | params | attention | layout | tokens/step | step (median) | tokens/s | pair tokens/s | "
-          f"TFLOP/s | MFU | peak memory |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {name} | {config.n_layers} | {n_params / 1e9:.2f}B | {backend} | "
-          f"{'shared prompt' if args.shared_prompt else 'unshared'} | {tokens / len(times):,.0f} | "
-          f"{1000 * statistics.median(step_s):,.0f} ms | {tokens / total_s:,.0f} | "
-          f"{sum(pt for _, _, pt in times) / total_s:,.0f} | {tflops:,.1f} | "
-          f"{f'{100 * tflops / peak:.1f}%' if peak else '-'} | {mem:.1f} GiB |")
-    print(f"\nMFU = model FLOPs (6 x {n_matmul / 1e9:.2f}B matmul params x tokens + attention) / time / "
-          f"{f'{peak:.0f} TFLOP/s' if peak else 'unknown peak'}; losses {losses[0]:.4f} -> {losses[-1]:.4f}")
-    print(f"loss finite: {'OK' if finite else 'FAIL'} | fast path == SDPA: {'OK' if checked else 'FAIL'}")
-    return 0 if finite and checked else 1
-
-
-def make_small_pairs(batches, n=8):
-    """The first n pairs of the first batch, back as TokenizedPairs (for the SDPA comparison)."""
-    import data as data_lib
-    return data_lib.unpack_batch(batches[0])[:n]
+    print_table(name, config, n_params, n_matmul, peak, rows, pair_tokens[args.warmup:])
+    finite = all(math.isfinite(x) for r in rows.values() for x in r["losses"])
+    losses = " | ".join(f"{b}/{lay} {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}" for (b, lay), r in rows.items())
+    print(f"losses (the weights carry on from row to row; speed does not depend on them): {losses}")
+    verdicts = ", ".join(f"{b} {'OK' if ok else 'FAIL'}" for b, ok in checked.items())
+    print(f"loss finite: {'OK' if finite else 'FAIL'} | kernel == SDPA: {verdicts}")
+    return 0 if finite and all(checked.values()) else 1
 
 
 def sync(device):

@@ -289,6 +289,8 @@ def test_nan_guard_skips_steps_then_stops(tmp_path, capsys):
     (["--model", "mistral-7b"], "mistralai/Mistral-7B-v0.1"),          # offline and not cached
     (["--data", "/nonexistent/pairs.parquet"], "/nonexistent/pairs.parquet"),
     (["--attention", "flash", "--device", "cpu"], "--attention flash"),
+    (["--attention", "varlen", "--device", "cpu"], "--attention varlen"),
+    (["--attention", "flex", "--device", "cpu"], "no backward on the CPU"),
     (["--batch-size", "7", "--grad-accum", "2"], "--batch-size 7"),
 ])
 def test_bad_input_is_one_clean_line(tmp_path, capsys, monkeypatch, argv, needle):
