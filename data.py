@@ -29,7 +29,8 @@ response is scored on all of its text. Chosen and rejected use the same cut, so 
 
 Paper filters (section 5.1, Appendix C): a pair is dropped when chosen == rejected, when either answer is empty,
 or when the prompt is longer than max_prompt_length; then every sequence is cut to max_length by truncating
-its response, never its prompt. Every drop, truncation and boundary merge is counted in PairSet.stats.
+its response, never its prompt (a pair whose answers become identical by that cut is dropped too). Every drop,
+truncation and boundary merge is counted in PairSet.stats.
 
 Run `python data.py --help` for the command line (stats, examples with the spans marked, synthetic data).
 """
@@ -254,15 +255,24 @@ def resolve_template(template, tok, layout):
 # Reading parquet: files, folders, globs or Hub datasets, one row group at a time
 
 def resolve_files(source, split=None):
-    """The parquet files of `source`: a file, a folder, a glob, or a Hub dataset id (needs `split`)."""
+    """The parquet files of `source`: a file, a folder, a glob, or a Hub dataset id (needs `split`).
+
+    Splits are never guessed: a Hub id needs one; a folder is read whole unless its files belong to two or
+    more splits (then a split must be given, so that test pairs cannot leak into training); a file or a glob
+    has no splits, so a split given with one is an error rather than ignored."""
     source = str(source)
     path = Path(source)
+    is_glob = not path.exists() and any(c in source for c in "*?[")
+    if split and (path.is_file() or is_glob):
+        what = "a single parquet file" if path.is_file() else "a glob"
+        raise DataError(f"split {split!r} was given but {source} is {what}, which has no splits: point at a "
+                        "folder or a Hub dataset, or drop the split")
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(path.rglob("*.parquet"))
-        return _select_split(files, split, source) if split else _nonempty(files, source)
-    if any(c in source for c in "*?["):
+        files = _nonempty(sorted(path.rglob("*.parquet")), source)
+        return _select_split(files, split, source) if split else _whole_folder(files, source)
+    if is_glob:
         return _nonempty([Path(f) for f in sorted(glob.glob(source, recursive=True))], source)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         if not split:
@@ -284,6 +294,34 @@ def _select_split(files, split, source):
     if not chosen:
         raise FileNotFoundError(f"no parquet files for split {split!r} in {source}")
     return chosen
+
+
+# The names by which a file shows its split, in the layouts _select_split reads. A shard name
+# <split>-00000-of-00003.parquet is what the Hub writes; a bare <split>.parquet or <split>/ folder counts only
+# for the usual split words (train, test, validation, ... and train_prefs-style variants), because
+# en.parquet + fr.parquet, or shards/2024/ + shards/2025/, are parts of one dataset, not splits.
+_SHARD_NAME = re.compile(r"(\w+)-\d+-of-\d+.*\.parquet")
+_SPLIT_WORD = re.compile(r"(train|training|test|testing|valid|validation|val|dev|eval|evaluation)(_\w+)?")
+
+
+def _split_of(f):
+    """The split a parquet file belongs to, or None when its name and folder show none."""
+    shard = _SHARD_NAME.fullmatch(f.name)
+    if shard:
+        return shard[1]
+    for name in (f.stem, f.parent.name):
+        if _SPLIT_WORD.fullmatch(name):
+            return name
+    return None
+
+
+def _whole_folder(files, source):
+    """All of a folder's files, unless they belong to several splits (a Hub snapshot): then a split is needed."""
+    splits = sorted({s for s in map(_split_of, files) if s is not None})
+    if len(splits) > 1:
+        raise DataError(f"{source} holds the parquet files of {len(splits)} splits ({', '.join(splits)}): give "
+                        "the split to read, or a glob to read them all together")
+    return files
 
 
 LAYOUTS = ("pairs", "messages", "hh", "sharegpt")
@@ -312,8 +350,8 @@ def detect_layout(schema, columns, where):
             return layout, {r: col[r] for r in wanted if has[r]}
     raise DataError(f"{where}: no known preference layout in columns {names}; expected prompt/chosen/rejected "
                     "strings, UltraFeedback message lists, HH-RLHF chosen/rejected transcripts, or ShareGPT "
-                    "conversations/chosen/rejected (override names with --prompt-col/--chosen-col/--rejected-col/"
-                    "--conversations-col)")
+                    "conversations/chosen/rejected (override names with --prompt-column/--chosen-column/"
+                    "--rejected-column/--conversations-column)")
 
 
 def read_rows(files, columns=None):
@@ -536,6 +574,9 @@ def token_filter_and_truncate(p, c, r, max_length, max_prompt_length, stats):
     if room < 1:
         stats["dropped/prompt_fills_max_length"] += 1   # no room left for a single response token
         return None
+    if c[:room] == r[:room]:                 # the answers differ only past max_length: no signal left either
+        stats["dropped/identical_after_truncation"] += 1
+        return None
     if len(c) > room:
         stats["truncated/chosen"] += 1
         c = c[:room]
@@ -605,10 +646,23 @@ def build_pairs(source, tok, *, max_length=2048, max_prompt_length=1024, templat
 
 
 # -----------------------------------------------------------------------------
-# Packing: pairs -> one flat, padding-free token stream (the PackedBatch spec is in contract.md)
+# Packing: pairs -> one flat, padding-free token stream
 
 @dataclass
 class PackedBatch:
+    """P pairs as one flat stream of N tokens in S segments, no padding; what model.py and train.py read.
+
+    Segments: seg_lens[s] = (shared_len, chosen_len, rejected_len). With shared_prompt a segment is one pair,
+    [prompt | chosen | rejected], so the prompt is computed once for both answers; without it every sequence
+    is a segment of its own, (len, 0, 0): [prompt | chosen] for each pair, then [prompt | rejected] for each.
+    Attention: a token sees the earlier tokens of its own segment, except that a rejected token never sees a
+    chosen one. Positions restart at 0 in each segment, and the rejected answer's restart at the prompt length,
+    so every token sees exactly what it would see in its own unpacked [prompt | answer] sequence.
+    Targets (M of them): hidden-state row tgt_index[m] predicts token tgt_ids[m] of sequence tgt_seq[m]
+    (0..P-1 the chosen sequences, P..2P-1 the rejected ones). tgt_response marks the response tokens that
+    eq. 3 averages; tgt_nll marks the tokens of L_SFT (chosen sequences only). The layouts differ only in
+    the stream, never in the targets' contexts, so they give the same log-probs.
+    """
     input_ids: torch.Tensor      # (N,) long
     position_ids: torch.Tensor   # (N,) long; restarts per segment, rejected restarts at p
     seg_lens: torch.Tensor       # (S, 3) long, CPU: (shared_len, chosen_len, rejected_len) per segment
@@ -642,7 +696,7 @@ class PackedBatch:
 def pack_pairs(pairs, shared_prompt=True, prompt_loss=True):
     """Pack P pairs into one PackedBatch; per-sequence targets are identical in both layouts.
 
-    shared_prompt=True:  P segments [prompt | chosen | rejected], the prompt computed once (issue 9).
+    shared_prompt=True:  P segments [prompt | chosen | rejected], the prompt computed once (see PackedBatch).
     shared_prompt=False: 2P segments, [prompt | chosen] for every pair, then [prompt | rejected] for every pair.
     Targets: the chosen sequence of pair i (tgt_seq i) has its prompt tokens (only when prompt_loss: they count in
     the NLL, not in eq. 3) and its response tokens; the rejected one (tgt_seq P + i) has its response tokens only.
@@ -731,8 +785,10 @@ class PairBatcher:
     Gradient accumulation: each batch is one micro-batch; `steps()` yields lists of grad_accum micro-batches
     (one optimizer step). For exact normalisation, sum `n_pairs` and `tgt_nll.sum()` over the list (and over
     ranks) before dividing, rather than averaging per micro-batch.
-    Resume: state_dict() is (epoch, position = micro-batches already yielded this epoch); load_state_dict()
-    makes the next iteration yield exactly the rest of that epoch.
+    Resume: state_dict() is (epoch, position = micro-batches already yielded this epoch) and the settings the
+    batches depend on (RESUME_SETTINGS, with a checksum of the pairs); load_state_dict() refuses a state saved
+    under other settings, since the same position would then name other pairs, and otherwise makes the next
+    iteration yield exactly the rest of that epoch. rewind() restarts an epoch (evaluation).
 
     In train.py, with a global batch of G pairs per optimizer step (the paper: 32):
         batcher = PairBatcher(pairs, batch_size=G // (world_size * grad_accum), seed=seed, rank=rank,
@@ -754,14 +810,13 @@ class PairBatcher:
             group_batches = 50 if max_tokens is not None else 1
         self.grad_accum, self.group_batches = grad_accum, group_batches
         self.shared_prompt, self.prompt_loss = shared_prompt, prompt_loss
-        lengths = pairs.lengths if isinstance(pairs, PairSet) else np.array(
-            [[len(x.prompt_ids), len(x.chosen_ids), len(x.rejected_ids)] for x in pairs], np.int64).reshape(-1, 3)
+        lengths = pair_lengths(pairs)
         if len(lengths) == 0:
             raise DataError("no pairs to batch (every row was dropped? see the PairSet's stats)")
         p, c, r = lengths.T
         self.cost = (p + c + r) if shared_prompt else (2 * p + c + r)   # packed tokens per pair
         self.epoch, self.position = 0, 0
-        self._plan_cache = None
+        self._plan_cache, self._checksum = None, None
 
     def _global_plan(self, epoch):
         """All batches of `epoch` (lists of pair indices) in order, before the rank split."""
@@ -833,14 +888,61 @@ class PairBatcher:
                 yield step
                 step = []
 
+    # What a saved (epoch, position) means depends on these: under any other value it names other pairs.
+    RESUME_SETTINGS = {"world_size": "world size", "seed": "seed", "batch_size": "batch size (pairs per micro-batch)",
+                       "max_tokens": "max tokens per micro-batch", "grad_accum": "grad_accum",
+                       "shared_prompt": "shared_prompt", "group_batches": "group_batches",
+                       "n_pairs": "number of pairs", "pairs_crc32": "checksum (crc32) of the pairs' tokens"}
+
+    def settings(self):
+        """The values of RESUME_SETTINGS for this batcher (the checksum is computed once, on first use)."""
+        if self._checksum is None:
+            self._checksum = pairs_crc32(self.pairs)
+        return {"world_size": self.world_size, "seed": self.seed, "batch_size": self.batch_size,
+                "max_tokens": self.max_tokens, "grad_accum": self.grad_accum, "shared_prompt": self.shared_prompt,
+                "group_batches": self.group_batches, "n_pairs": len(self.cost), "pairs_crc32": self._checksum}
+
     def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size}
+        return {"epoch": self.epoch, "position": self.position, **self.settings()}
 
     def load_state_dict(self, state):
-        if state.get("seed", self.seed) != self.seed or state.get("world_size", self.world_size) != self.world_size:
-            raise DataError(f"batcher state was saved with seed {state.get('seed')} and world_size "
-                            f"{state.get('world_size')}, not {self.seed} and {self.world_size}: it cannot resume")
+        missing = [k for k in ("epoch", "position", *self.RESUME_SETTINGS) if k not in state]
+        if missing:
+            raise DataError(f"cannot resume: the saved batcher state has no {', '.join(missing)} (written by an "
+                            "older data.py?), so it cannot be checked against this run's settings")
+        now = self.settings()
+        changed = [f"{label} {state[key]}, now {now[key]}" for key, label in self.RESUME_SETTINGS.items()
+                   if state[key] != now[key]]
+        if changed:
+            raise DataError(f"cannot resume: the batcher was saved with {'; '.join(changed)} (the batches depend "
+                            "on these: resume with the saved settings and data, or start a fresh run)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def rewind(self, epoch=0):
+        """Make the next iteration yield `epoch` from its first batch (evaluation: the same batches every time)."""
+        self.epoch, self.position = epoch, 0
+
+
+def pair_lengths(pairs):
+    """(n, 3) int64 (prompt, chosen, rejected) token counts of a PairSet or a list of TokenizedPairs."""
+    if isinstance(pairs, PairSet):
+        return pairs.lengths
+    return np.array([[len(x.prompt_ids), len(x.chosen_ids), len(x.rejected_ids)] for x in pairs],
+                    np.int64).reshape(-1, 3)
+
+
+def pairs_crc32(pairs):
+    """crc32 of the pairs' lengths and token ids: a cheap check that a resumed run batches the same pairs.
+
+    Equal for a PairSet and a list of its TokenizedPairs (train.py holds eval pairs out as a list)."""
+    crc = zlib.crc32(np.ascontiguousarray(pair_lengths(pairs), np.int64))
+    for j, side in enumerate(("prompt_ids", "chosen_ids", "rejected_ids")):
+        if isinstance(pairs, PairSet):
+            crc = zlib.crc32(pairs._flat[j], crc)         # the flat store is the sides' tokens, in pair order
+        else:
+            for pair in pairs:
+                crc = zlib.crc32(np.ascontiguousarray(getattr(pair, side), np.int32), crc)
+    return crc
 
 
 # -----------------------------------------------------------------------------
@@ -980,7 +1082,7 @@ def main(argv=None):
     ap.add_argument("--max-length", type=int, default=2048, help="longest sequence; responses are truncated to fit")
     ap.add_argument("--max-prompt-length", type=int, default=1024, help="pairs with longer prompts are dropped")
     for role in ("prompt", "chosen", "rejected", "conversations"):
-        ap.add_argument(f"--{role}-col", default=None, help=f"name of the {role} column")
+        ap.add_argument(f"--{role}-column", default=None, help=f"name of the {role} column")
     ap.add_argument("--stats", action="store_true", help="print counts, length percentiles and padding compute")
     ap.add_argument("--show", type=int, default=0, metavar="N", help="print N examples with their spans marked")
     ap.add_argument("--write-synthetic", metavar="PATH", help="write a synthetic dataset to PATH and exit")
@@ -993,8 +1095,8 @@ def main(argv=None):
             return 0
         if not args.data:
             raise DataError("--data is required (or --write-synthetic)")
-        columns = {r: getattr(args, f"{r}_col") for r in ("prompt", "chosen", "rejected", "conversations")
-                   if getattr(args, f"{r}_col")}
+        columns = {r: getattr(args, f"{r}_column") for r in ("prompt", "chosen", "rejected", "conversations")
+                   if getattr(args, f"{r}_column")}
         tok = load_tokenizer(args.tokenizer)
         pairs = build_pairs(args.data, tok, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                             template=args.template, split=args.split, columns=columns)

@@ -247,7 +247,10 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, tra
     (atomic on POSIX) and rewrites `latest` (atomically, via os.replace). A crash at any
     point leaves either the old checkpoint or the new one, never a half-written one
     under a final name; leftover tmp-* dirs are ignored by load and cleaned up here.
+    Then older checkpoints of the same run (trainer_state["run_id"]) are pruned to `keep`.
     """
+    if keep < 1:
+        raise ValueError(f"keep={keep}: at least the checkpoint just written is kept")
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -272,7 +275,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, tra
         pointer = ckpt_root / "latest.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, ckpt_root / "latest")
-        _prune(ckpt_root, keep)
+        _prune(ckpt_root, keep, final, trainer_state.get("run_id", ""))
     barrier()
     return final
 
@@ -281,14 +284,27 @@ def _complete_checkpoints(ckpt_root: Path) -> list[Path]:
     """step_* dirs that were renamed into place (trainer_state.json is written before the rename), oldest first."""
     done = [p for p in Path(ckpt_root).glob("step_*")
             if p.name[5:].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+    return sorted(done, key=_step)
 
 
-def _prune(ckpt_root: Path, keep: int) -> None:
-    done = _complete_checkpoints(ckpt_root)
-    for old in done[:-keep] if keep > 0 else []:
+def _step(ckpt_dir: Path) -> int:
+    return int(ckpt_dir.name.split("_")[1])
+
+
+def read_trainer_state(ckpt_dir: Path) -> dict:
+    """The small JSON part of a checkpoint (step, world size, schedule, data position, run id)."""
+    return json.loads((Path(ckpt_dir) / "trainer_state.json").read_text())
+
+
+def _prune(ckpt_root: Path, keep: int, current: Path, run_id: str) -> None:
+    """Keep `current` (which `latest` points to) and the keep - 1 newest checkpoints of the same run before
+    it; delete this run's older ones and debris of interrupted saves. Another run's checkpoints and later
+    steps are never touched: a step number alone does not say which run, or which trajectory, wrote it."""
+    ours = [p for p in _complete_checkpoints(ckpt_root)
+            if _step(p) < _step(current) and read_trainer_state(p).get("run_id", "") == run_id]
+    for old in ours[:max(0, len(ours) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in ckpt_root.glob("tmp-*"):  # debris of interrupted saves
+    for tmp in ckpt_root.glob("tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -305,24 +321,27 @@ def find_latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG state in place; return trainer_state."""
+    """Restore model, optimizer and this rank's RNG state in place; return trainer_state.
+
+    Only on the world size that wrote the checkpoint: DCP could reshard the weights, but the data
+    order (batch b goes to rank b % world_size) and the per-rank RNG states could not follow, so the
+    run would not continue its trajectory. train.py checks this up front, with a clearer message.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     _, rank, _, world_size = get_dist_info()
     ckpt_dir = Path(ckpt_dir)
+    trainer_state = read_trainer_state(ckpt_dir)
+    if trainer_state["world_size"] != world_size:
+        raise ValueError(f"{ckpt_dir} was written by {trainer_state['world_size']} ranks, this run has {world_size}: "
+                         "resume needs the same number of ranks")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with _single_process_quiet():   # DCP reshards if the world size changed
+    with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_file = ckpt_dir / f"rng_rank{rank}.pt"
-    if rng_file.is_file():  # absent if resumed with more ranks than were saved
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    trainer_state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-    if trainer_state.get("world_size", world_size) != world_size:
-        print0(f"note: checkpoint was written by {trainer_state['world_size']} ranks, resuming on {world_size}; "
-               "the data order changes, so the trajectory will differ from an uninterrupted run")
+    _set_rng_state(torch.load(ckpt_dir / f"rng_rank{rank}.pt", weights_only=False))
     return trainer_state
 
 

@@ -1,7 +1,7 @@
 """
 Train a causal language model with ORPO (Hong, Lee & Thorne, 2024, arXiv 2403.07691).
 
-    python train.py                                          # tiny model, synthetic pairs, CPU, ~2 minutes
+    python train.py                                          # tiny model, synthetic pairs, CPU, under a minute
     python train.py --model mistral-7b --data uf.parquet     # one GPU
     torchrun --nproc_per_node 4 train.py --model mistral-7b --data uf.parquet --lam 0.1      # FSDP2, 4 GPUs
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
@@ -24,8 +24,10 @@ import json
 import math
 import os
 import resource
+import shlex
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -84,10 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training pairs: parquet file, folder, glob or Hub dataset id (with --split); "
                         "default: data.py's synthetic set, written to OUT/data/")
     g.add_argument("--split", default=None, help="split of --data to train on, when it has several")
-    g.add_argument("--eval-data", default=None, help="held-out pairs for eval (same forms as --data)")
-    g.add_argument("--eval-split", default=None, help="split of --data to evaluate on (e.g. test)")
+    g.add_argument("--eval-data", default=None,
+                   help="held-out pairs for eval: parquet file, folder, glob or Hub dataset id (a Hub id, or a "
+                        "folder of several splits, needs --eval-split)")
+    g.add_argument("--eval-split", default=None,
+                   help="split to evaluate on (e.g. test_prefs): of --eval-data when given, else of --data")
     g.add_argument("--eval-fraction", type=float, default=0.05,
-                   help="without --eval-data/--eval-split: hold out this fraction of the training pairs "
+                   help="without --eval-data/--eval-split: hold out this fraction of the training pairs, 0 <= f < 1 "
                         "(the synthetic default uses a separate held-out synthetic set instead)")
     g.add_argument("--tokenizer", default=None, help="tokenizer dir; default: the model's (synthetic for tiny)")
     g.add_argument("--template", default="auto",
@@ -115,9 +120,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="instead of --batch-size: token budget of one micro-batch on one rank (length-grouped batches)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps; default 200 (official), 10 for tiny")
-    g.add_argument("--warmup-ratio", type=float, default=None, help="instead of --warmup-steps: fraction of total steps")
+    g.add_argument("--warmup-ratio", type=float, default=None,
+                   help="instead of --warmup-steps: fraction of total steps, rounded up (as transformers)")
     g.add_argument("--schedule", default="cosine", choices=["cosine", "inverse_sqrt", "constant"],
-                   help="after warmup: cosine to 0 (paper, Appendix C) or inverse_sqrt (official scripts)")
+                   help="after warmup: cosine to 0 (paper, Appendix C), inverse_sqrt (official scripts) or constant; "
+                        "all three as transformers' get_*_schedule")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official scripts: 0)")
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
@@ -128,10 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--out", default="out", help="output dir: metrics.jsonl, ckpt/, best/, final/, data/")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/latest exactly (same data order, RNG)")
-    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end); default 500, 50 for tiny")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="checkpoint every N steps (and at the end); default 500, 50 for tiny; 0 = only at the end")
     g.add_argument("--eval-every", type=int, default=None, help="eval every N steps (and at the end); default 500, 50 for tiny; 0 = only at the end")
     g.add_argument("--log-every", type=int, default=1, help="log a metrics line every N steps")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep (at least 1)")
     g.add_argument("--no-export", action="store_true", help="skip the final HF export (and the best/ export)")
     args = p.parse_args(argv)
     apply_preset_defaults(args)
@@ -139,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def apply_preset_defaults(args: argparse.Namespace) -> None:
-    """Fill the defaults that depend on the model: the tiny preset trains from scratch in ~2 minutes,
+    """Fill the defaults that depend on the model: the tiny preset trains from scratch in under a minute,
     the real presets fine-tune 7B models with the official Mistral-ORPO recipe."""
     tiny = args.model == "tiny"
     defaults = dict(lr=TINY_LR if tiny else PAPER_LR, epochs=3 if tiny else 5,
@@ -148,6 +156,41 @@ def apply_preset_defaults(args: argparse.Namespace) -> None:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse impossible numbers before any work, in one sentence naming the flag: otherwise they fail late
+    (--grad-accum 0 divides by zero, --log-every 0 after the first step) or quietly do something else."""
+    at_least = {"--grad-accum": (args.grad_accum, 1), "--log-every": (args.log_every, 1),
+                "--max-bad-steps": (args.max_bad_steps, 1), "--keep-checkpoints": (args.keep_checkpoints, 1),
+                "--batch-size": (args.batch_size, 1), "--max-tokens": (args.max_tokens, 1),
+                "--max-steps": (args.max_steps, 1), "--synthetic-pairs": (args.synthetic_pairs, 1),
+                "--max-length": (args.max_length, 1), "--max-prompt-length": (args.max_prompt_length, 1),
+                "--warmup-steps": (args.warmup_steps, 0), "--save-every": (args.save_every, 0),
+                "--eval-every": (args.eval_every, 0)}
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            off = " (0 = only at the end)" if low == 0 and flag != "--warmup-steps" else ""
+            raise UserError(f"{flag} {value}: must be at least {low}{off}")
+    # float ranges: a comparison with nan is False, so nan fails too
+    ranges = {"--lr": (args.lr, 0 < args.lr < math.inf, "a positive number"),
+              "--epochs": (args.epochs, 0 < args.epochs < math.inf, "a positive number"),
+              "--lam": (args.lam, 0 <= args.lam < math.inf, "a number >= 0"),
+              "--grad-clip": (args.grad_clip, 0 <= args.grad_clip < math.inf, "a number >= 0 (0 = no clipping)"),
+              "--weight-decay": (args.weight_decay, 0 <= args.weight_decay < math.inf, "a number >= 0"),
+              "--beta1": (args.beta1, 0 <= args.beta1 < 1, "in [0, 1)"),
+              "--beta2": (args.beta2, 0 <= args.beta2 < 1, "in [0, 1)"),
+              "--eval-fraction": (args.eval_fraction, 0 <= args.eval_fraction < 1,
+                                  "in [0, 1): the share of the training pairs held out for eval")}
+    if args.warmup_ratio is not None:
+        ranges["--warmup-ratio"] = (args.warmup_ratio, 0 <= args.warmup_ratio <= 1, "in [0, 1]")
+    for flag, (value, ok, what) in ranges.items():
+        if not ok:
+            raise UserError(f"{flag} {value}: must be {what}")
+    if args.split is not None and args.data is None:
+        raise UserError(f"--split {args.split} needs --data (the synthetic default has no splits)")
+    if args.eval_split is not None and args.data is None and args.eval_data is None:
+        raise UserError(f"--eval-split {args.eval_split} needs --data or --eval-data (the synthetic default has no splits)")
 
 
 # -----------------------------------------------------------------------------
@@ -167,7 +210,15 @@ def resolve_model(name: str, overrides: str | None):
     if overrides:
         if ckpt_dir is not None:
             raise UserError("--model-config only applies to presets without a checkpoint (tiny)")
-        o = json.loads(overrides)
+        try:
+            o = json.loads(overrides)
+        except json.JSONDecodeError:
+            o = None
+        if not isinstance(o, dict):
+            raise UserError(f"--model-config {overrides}: not a JSON object of ModelConfig fields")
+        unknown = sorted(set(o) - {f.name for f in dataclasses.fields(config)})
+        if unknown:
+            raise UserError(f"--model-config: ModelConfig has no field {unknown[0]!r}")
         # fields derived in ModelConfig.__post_init__ follow the overridden ones unless given too
         if config.embed_dim == config.dim:
             o.setdefault("embed_dim", o.get("dim", config.dim))
@@ -231,21 +282,19 @@ def load_data(args, tok, rank: int, world_size: int):
     if train_src is None:  # the embedded default: synthetic pairs with a held-out synthetic eval set
         data_dir = Path(args.out) / "data"
         train_src = data_dir / f"synthetic_train_{args.synthetic_pairs}.parquet"
-        eval_src = eval_src or data_dir / "synthetic_eval.parquet"
-        if rank == 0:
-            if not train_src.exists():
-                data_lib.write_synthetic(train_src, args.synthetic_pairs, seed=0, split="train")
-            if not Path(eval_src).exists():
+        if rank == 0 and not train_src.exists():
+            data_lib.write_synthetic(train_src, args.synthetic_pairs, seed=0, split="train")
+        if eval_src is None:
+            eval_src = data_dir / "synthetic_eval.parquet"
+            if rank == 0 and not eval_src.exists():
                 data_lib.write_synthetic(eval_src, SYNTHETIC_EVAL_PAIRS, seed=1, split="eval")
         dist.barrier()
-    train = data_lib.build_pairs(train_src, tok, split=args.split, **kw)
-    report_stats("train", train_src, train)
+    elif eval_src is None and args.eval_split is not None:
+        eval_src = train_src       # another split of the training source
+    train = read_pairs("train", train_src, args.split, tok, kw)
     if eval_src is not None:
-        evals = data_lib.build_pairs(eval_src, tok, **kw)
-        report_stats("eval", eval_src, evals)
-    elif args.eval_split is not None:
-        evals = data_lib.build_pairs(train_src, tok, split=args.eval_split, **kw)
-        report_stats("eval", f"{train_src} [{args.eval_split}]", evals)
+        # --eval-split names the split of whichever source the eval pairs come from (a Hub id needs one)
+        evals = read_pairs("eval", eval_src, args.eval_split, tok, kw)
     elif args.eval_fraction > 0:
         train, evals = hold_out(train, args.eval_fraction, args.seed)
         print0(f"eval: held out {len(evals)} of the training pairs (--eval-fraction {args.eval_fraction})")
@@ -254,6 +303,18 @@ def load_data(args, tok, rank: int, world_size: int):
     if len(train) == 0:
         raise UserError(f"--data {train_src}: no usable pairs after filtering")
     return train, evals
+
+
+def read_pairs(name: str, source, split, tok, kw):
+    """data.build_pairs for the train or eval pairs, its one-sentence errors saying which of the two."""
+    import data as data_lib
+
+    try:
+        pairs = data_lib.build_pairs(source, tok, split=split, **kw)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"{name} data: {e}") from None
+    report_stats(name, source if split is None else f"{source} [{split}]", pairs)
+    return pairs
 
 
 def hold_out(pairs, fraction: float, seed: int):
@@ -385,7 +446,7 @@ def train_step(model, micro_batches, lam, device, world_size, autocast):
 @torch.no_grad()
 def evaluate(model, batcher, lam, device, autocast) -> dict:
     sums = {}
-    batcher.load_state_dict({"epoch": 0, "position": 0})   # the same eval pairs every time
+    batcher.rewind()                    # the same eval batches every time
     for batch in batcher:
         batch = batch.to(device)
         with autocast:
@@ -399,18 +460,29 @@ def evaluate(model, batcher, lam, device, autocast) -> dict:
 # schedule, optimizer, throughput
 
 
-def lr_lambda(args, total_steps: int):
-    """Multiplier of the peak lr at a step: linear warmup, then cosine to 0 or inverse_sqrt."""
-    warmup = args.warmup_steps if args.warmup_ratio is None else int(args.warmup_ratio * total_steps)
+def warmup_steps(args, total_steps: int) -> int:
+    """--warmup-steps, or --warmup-ratio of the total rounded up (transformers' TrainingArguments.get_warmup_steps),
+    so that a small ratio of a short run still warms up. The start line prints the result."""
+    if args.warmup_ratio is None:
+        return args.warmup_steps
+    return math.ceil(args.warmup_ratio * total_steps)
 
+
+def lr_lambda(schedule: str, warmup: int, total_steps: int):
+    """Multiplier of the peak lr at optimizer step `step` (0-based), exactly as transformers'
+    get_{cosine,inverse_sqrt,constant}_schedule(_with_warmup) that the official scripts ran: a linear
+    warmup step / warmup (so the first step has lr 0), then cosine to 0, inverse_sqrt or constant."""
     def f(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if args.schedule == "cosine":
+            return step / warmup
+        if schedule == "cosine":
             progress = (step - warmup) / max(1, total_steps - warmup)
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        if args.schedule == "inverse_sqrt":  # as transformers' get_inverse_sqrt_schedule
-            return 1.0 / math.sqrt(max(step, 1) / max(warmup, 1))
+        if schedule == "inverse_sqrt":
+            # continuous at the end of warmup: 1 / sqrt((step - warmup + t) / t) with the time scale t = warmup,
+            # and without warmup t = 10_000 (transformers' default), not a decay from step 1
+            timescale = warmup or 10_000
+            return 1.0 / math.sqrt((step - warmup + timescale) / timescale)
         return 1.0
     return f
 
@@ -435,13 +507,23 @@ def peak_flops(device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def step_flops(config_params: int, n_layers: int, d_attn: int, micro_batches) -> float:
-    """6 * params per token (forward + backward matmuls) plus causal attention: QK^T and AV are
-    2 * 2 * d_attn * s^2 / 2 FLOPs per layer per segment of length s forward, x3 with backward."""
+def attention_pairs(seg_lens: torch.Tensor) -> float:
+    """(query, key) pairs the attention mask allows, summed over the segments (p, c, r) of a packed batch:
+    [prompt|chosen] is causal, (p + c)(p + c + 1) / 2, and each rejected query sees the prompt and the
+    rejected tokens up to itself, r * p + r(r + 1) / 2. The unshared layout is c = r = 0 per sequence.
+    (benchmarks/gpu.py imports it.)"""
+    p, c, r = (x.double() for x in seg_lens.unbind(1))
+    main = p + c
+    return float((main * (main + 1) / 2 + r * p + r * (r + 1) / 2).sum())
+
+
+def step_flops(n_params: int, n_layers: int, d_attn: int, micro_batches) -> float:
+    """Model FLOPs of one optimizer step on this rank: 6 per parameter per token (forward + backward
+    matmuls) plus attention, QK^T and AV at 2 * d_attn FLOPs each per allowed (query, key) pair per
+    layer forward, x3 with backward: 12 * n_layers * d_attn per pair."""
     flops = 0.0
     for b in micro_batches:
-        seg_total = b.seg_lens.sum(1).double()
-        flops += 6 * config_params * b.num_tokens + 6 * n_layers * d_attn * float((seg_total ** 2).sum())
+        flops += 6 * n_params * b.num_tokens + 12 * n_layers * d_attn * attention_pairs(b.seg_lens)
     return flops
 
 
@@ -472,8 +554,10 @@ def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records written after the checkpoint, so the file reads as one uninterrupted run."""
     if not path.exists():
         return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    path.write_text("".join(l + "\n" for l in keep))
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    keep = [l for l in lines if json.loads(l)["step"] <= step]
+    if len(keep) < len(lines):
+        path.write_text("".join(l + "\n" for l in keep))
 
 
 def append_jsonl(path: Path, rec: dict) -> None:
@@ -482,7 +566,47 @@ def append_jsonl(path: Path, rec: dict) -> None:
 
 
 # -----------------------------------------------------------------------------
-# main loop
+# setup and resume
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything setup() builds, handed explicitly to the loop, eval, save and finish (no closures)."""
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world_size: int
+    out: Path
+    config: object                  # model.ModelConfig
+    tok: object                     # the tokenizer, exported with the model
+    model: torch.nn.Module          # FSDP2-sharded under torchrun
+    n_params: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    batcher: object                 # data.PairBatcher of the training pairs
+    eval_batcher: object            # data.PairBatcher of the eval pairs, None without any
+    total_steps: int
+    autocast: object                # torch.autocast, or nullcontext when the params are in the compute dtype
+    peak_flops: float | None        # of one device, for MFU; None when unknown (CPU)
+    t_start: float
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "ckpt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
+@dataclasses.dataclass
+class LoopState:
+    """The trainer's counters: what a checkpoint holds besides weights, optimizer, schedule and data position."""
+    step: int = 0                   # optimizer steps done
+    epoch: int = 0
+    best_eval: float = math.inf     # lowest eval loss so far (exported to OUT/best/)
+    bad_steps: int = 0              # consecutive non-finite steps
+    run_id: str = ""                # tells this run's checkpoints from others' (dist.save_checkpoint prunes only its own)
 
 
 def micro_batch_stream(batcher):
@@ -513,14 +637,45 @@ def check_attention(args, device, compute_dtype, config) -> None:
         raise UserError(f"--attention {args.attention}: {e}{hint}; use --attention auto or sdpa") from None
 
 
-def run(args) -> dict:
-    """The whole run: setup, resume, the loop, final eval, checkpoint and export. Returns a summary."""
+def find_resume_point(args, world_size: int) -> tuple[Path | None, dict | None]:
+    """(checkpoint to resume from, its trainer state), or (None, None) to start fresh, after checking that
+    --out can hold this run: a fresh start next to an earlier run's checkpoints would mix the two runs
+    (its pruning, `latest`, a later --resume), so it is refused rather than deleting what is there."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    latest = dist.find_latest_checkpoint(out / "ckpt")
+    if latest is None:
+        if args.resume:
+            print0(f"--resume: no checkpoint in {out / 'ckpt'}, starting from scratch")
+        return None, None
+    saved = dist.read_trainer_state(latest)
+    if not args.resume:
+        raise UserError(f"--out {out} already holds checkpoints of an earlier run (step {saved['step']}); "
+                        f"pass --resume to continue it, or choose another --out")
+    # the data order (batch b goes to rank b % world_size) and the per-rank RNG states depend on it
+    if saved["world_size"] != world_size:
+        raise UserError(f"resume needs the same number of ranks: the checkpoint was written by "
+                        f"{saved['world_size']}, this run has {world_size}")
+    return latest, saved
+
+
+def restore_batcher(batcher, saved: dict, ckpt: Path) -> None:
+    """The checkpoint's position in the data. data.py refuses (ValueError) when a batching setting or the
+    data changed, as the same position would then mean other pairs; here that becomes one clear line."""
+    try:
+        batcher.load_state_dict(saved["batcher"])
+    except ValueError as e:
+        raise UserError(f"{ckpt}: {e}") from None
+
+
+def setup(args) -> tuple[Job, Path | None]:
+    """Device, data, model, optimizer and schedule; and the checkpoint to resume from. Ordered to fail fast:
+    the output dir, the checkpoint and the data position are checked before the model is built."""
     t_start = time.time()
     device = dist.compute_init(args.device)
     _, rank, _, world_size = dist.get_dist_info()
-    out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    ckpt, saved = find_resume_point(args, world_size)
     compute_dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
 
@@ -528,136 +683,199 @@ def run(args) -> dict:
     config, ckpt_dir = resolve_model(args.model, args.model_config)
     check_attention(args, device, compute_dtype, config)
     tok = load_tokenizer(args, ckpt_dir)
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     train_pairs, eval_pairs = load_data(args, tok, rank, world_size)
-
     batcher, eval_batcher, steps_per_epoch = make_batchers(args, train_pairs, eval_pairs, rank, world_size)
+    if saved is not None:
+        restore_batcher(batcher, saved, ckpt)
     total_steps = args.max_steps if args.max_steps is not None else max(1, int(args.epochs * steps_per_epoch))
+    warmup = warmup_steps(args, total_steps)
 
-    # model, optimizer, schedule
     model = build_model(args, config, ckpt_dir, device, compute_dtype)
-    n_params = count_params(model)
     optimizer = build_optimizer(args, model, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, warmup, total_steps))
     # without FSDP (one process) on GPU, bf16 compute comes from autocast; FSDP casts params itself
     use_autocast = compute_dtype != torch.float32 and world_size == 1
     autocast = torch.autocast(device.type, dtype=compute_dtype) if use_autocast else nullcontext()
-    print0(f"model {args.model}: {n_params / 1e6:.2f}M params, {config.n_layers} layers | "
-           f"device {device} x {world_size} | dtype {compute_dtype} | lam {args.lam} | lr {args.lr} {args.schedule} | "
+    job = Job(args, device, rank, world_size, out, config, tok, model, count_params(model), optimizer, scheduler,
+              batcher, eval_batcher, total_steps, autocast, peak_flops(device), t_start)
+    print0(f"model {args.model}: {job.n_params / 1e6:.2f}M params, {config.n_layers} layers | "
+           f"device {device} x {world_size} | dtype {compute_dtype} | lam {args.lam} | "
+           f"lr {args.lr} {args.schedule}, warmup {warmup} | "
            f"batch {args.batch_size if args.max_tokens is None else f'{args.max_tokens} tokens/micro'} x accum {args.grad_accum} | "
            f"{total_steps} steps ({steps_per_epoch}/epoch)")
+    return job, ckpt
 
-    # resume
-    ckpt_root = out / "ckpt"
-    step, best_eval, bad_steps, epoch = 0, float("inf"), 0, 0
-    metrics_path = out / "metrics.jsonl"
-    if args.resume:
-        latest = dist.find_latest_checkpoint(ckpt_root)
-        if latest is None:
-            print0(f"--resume: no checkpoint in {ckpt_root}, starting from scratch")
-        else:
-            state = dist.load_checkpoint(latest, model, optimizer)
-            scheduler.load_state_dict(state["scheduler"])
-            batcher.load_state_dict(state["batcher"])
-            step, best_eval, bad_steps, epoch = state["step"], state["best_eval"], state["bad_steps"], state["epoch"]
-            print0(f"resumed from {latest} at step {step}")
-    if rank == 0:
-        if step > 0:
-            truncate_metrics(metrics_path, step)
-        elif metrics_path.exists():
-            metrics_path.unlink()
 
-    def save(step):
-        state = dict(step=step, epoch=epoch, best_eval=best_eval, bad_steps=bad_steps, world_size=world_size,
-                     scheduler=scheduler.state_dict(), batcher=batcher.state_dict())
-        dist.save_checkpoint(ckpt_root, step, model, optimizer, state, keep=args.keep_checkpoints)
+def resume(job: Job, ckpt: Path | None) -> LoopState:
+    """Weights, optimizer, RNG and schedule from `ckpt` (the data position was restored in setup), with
+    metrics.jsonl cut back to it, so the file reads as one uninterrupted run; without one, a fresh start."""
+    if ckpt is None:
+        if job.rank == 0 and job.metrics_path.exists():
+            job.metrics_path.unlink()   # of a run killed before its first checkpoint
+        # a new id per run; only rank 0's is ever written (it writes trainer_state.json and prunes)
+        return LoopState(run_id=uuid.uuid4().hex[:12])
+    saved = dist.load_checkpoint(ckpt, job.model, job.optimizer)
+    job.scheduler.load_state_dict(saved["scheduler"])
+    state = LoopState(step=saved["step"], epoch=saved["epoch"], best_eval=saved["best_eval"],
+                      bad_steps=saved["bad_steps"], run_id=saved.get("run_id", ""))
+    if job.rank == 0:
+        truncate_metrics(job.metrics_path, state.step)
+    print0(f"resumed from {ckpt} at step {state.step}")
+    return state
 
-    def run_eval(step):
-        nonlocal best_eval
-        if eval_batcher is None:
-            return None
-        model.eval()
-        m = evaluate(model, eval_batcher, args.lam, device, autocast)
-        model.train()
-        rec = {"step": step, "eval": True, **{f"eval_{k}": v for k, v in m.items()}}
-        improved = m["loss"] < best_eval
-        if improved:
-            best_eval = m["loss"]
-            if not args.no_export:
-                dist.export_hf(model, config, tok, out / "best")
-        rec["best"] = improved
-        if rank == 0:
-            append_jsonl(metrics_path, rec)
-        if rank == 0:
-            tqdm.write(f"eval  {step:>5d} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | or {m['or_loss']:.4f} | "
-                       f"log_odds {m['log_odds']:+.3f} | acc {m['reward_acc']:.2f}"
-                       + (f" | best so far -> {out / 'best'}" if improved and not args.no_export else ""))
-        return m
 
-    # the loop
-    peak = peak_flops(device)
-    stream = micro_batch_stream(batcher)
-    model.train()
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def optimizer_step(job: Job, state: LoopState, stream) -> tuple[dict, list, float]:
+    """One optimizer step: grad_accum micro-batches forward/backward, clip, skip it if anything is
+    non-finite, AdamW, schedule. Updates `state`; returns (its metrics record, its micro-batches, seconds)."""
+    args, t0 = job.args, time.time()
+    micro = []
+    for _ in range(args.grad_accum):
+        state.epoch, b = next(stream)
+        micro.append(b)
+    sums = train_step(job.model, micro, args.lam, job.device, job.world_size, job.autocast)
+    grad_norm = clip_grad_norm(job.model, args.grad_clip)
+    m = finish_metrics(sums, args.lam)
+    finite = math.isfinite(m["loss"]) and math.isfinite(grad_norm)
+    if finite:
+        job.optimizer.step()
+        state.bad_steps = 0
+    else:
+        state.bad_steps += 1
+    job.optimizer.zero_grad(set_to_none=True)
+    lr = job.scheduler.get_last_lr()[0]
+    job.scheduler.step()
+    state.step += 1
+    if job.device.type == "cuda":
+        torch.cuda.synchronize(job.device)
+    dt = time.time() - t0
+    if not finite:
+        print0(f"step {state.step}: non-finite loss or grad norm (loss {m['loss']}, grad norm {grad_norm}); "
+               f"step skipped ({state.bad_steps} in a row)")
+    rec = {"step": state.step, "epoch": state.epoch, **m, "lr": lr, "grad_norm": grad_norm,
+           "tokens": sums["n_tokens"], "tokens_per_s": sums["n_tokens"] / dt, "skipped": not finite}
+    return rec, micro, dt
+
+
+def log_step(job: Job, rec: dict, micro, dt: float) -> dict:
+    """Complete a step's record with MFU, peak memory and wall time (collectives: every rank calls this),
+    then append it to metrics.jsonl and print it, on rank 0."""
+    config = job.config
+    flops = step_flops(job.n_params, config.n_layers, config.n_heads * config.head_dim, micro)
+    flops = dist.all_reduce_sum({"f": flops}, job.device)["f"]
+    rec["mfu"] = flops / dt / (job.peak_flops * job.world_size) if job.peak_flops else None
+    rec["mem_gb"] = dist.all_reduce_max(memory_gb(job.device), job.device)
+    rec["time"] = time.time() - job.t_start
+    if job.rank == 0:
+        append_jsonl(job.metrics_path, rec)
+        tqdm.write(format_line(rec, job.total_steps))
+    return rec
+
+
+def run_eval(job: Job, state: LoopState) -> dict | None:
+    """Eval metrics on the held-out pairs at state.step (None without any); a new best is exported to OUT/best/."""
+    if job.eval_batcher is None:
+        return None
+    job.model.eval()
+    m = evaluate(job.model, job.eval_batcher, job.args.lam, job.device, job.autocast)
+    job.model.train()
+    improved = m["loss"] < state.best_eval
+    if improved:
+        state.best_eval = m["loss"]
+        if not job.args.no_export:
+            dist.export_hf(job.model, job.config, job.tok, job.out / "best")
+    if job.rank == 0:
+        append_jsonl(job.metrics_path, {"step": state.step, "eval": True, **{f"eval_{k}": v for k, v in m.items()},
+                                        "best": improved})
+        tqdm.write(f"eval  {state.step:>5d} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | or {m['or_loss']:.4f} | "
+                   f"log_odds {m['log_odds']:+.3f} | acc {m['reward_acc']:.2f}"
+                   + (f" | best so far -> {job.out / 'best'}" if improved and not job.args.no_export else ""))
+    return m
+
+
+def save(job: Job, state: LoopState) -> None:
+    trainer_state = dict(dataclasses.asdict(state), world_size=job.world_size,
+                         scheduler=job.scheduler.state_dict(), batcher=job.batcher.state_dict())
+    dist.save_checkpoint(job.ckpt_root, state.step, job.model, job.optimizer, trainer_state,
+                         keep=job.args.keep_checkpoints)
+
+
+def train_loop(job: Job, state: LoopState) -> dict:
+    """Optimizer steps from state.step to the end, with logging, periodic eval and checkpoints.
+    Returns the first and last logged step records and the step-0 eval, for the summary."""
+    args = job.args
+    records = {"first": None, "last": None, "eval0": None}
+    stream = micro_batch_stream(job.batcher)
+    job.model.train()
+    if state.step == 0 and args.eval_every:
+        records["eval0"] = run_eval(job, state)      # the starting point of the eval curves
     # the bar only on an interactive terminal: in a log file its redraws are noise (the lines say it all)
-    eval0 = run_eval(0) if step == 0 and args.eval_every else None   # the starting point of the eval curves
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0 or not sys.stderr.isatty(), leave=False)
-    last_rec, first_rec = None, None
-    while step < total_steps:
-        t0 = time.time()
-        micro = []
-        for _ in range(args.grad_accum):
-            epoch, b = next(stream)
-            micro.append(b)
-        sums = train_step(model, micro, args.lam, device, world_size, autocast)
-        grad_norm = clip_grad_norm(model, args.grad_clip)
-        m = finish_metrics(sums, args.lam)
-        finite = math.isfinite(m["loss"]) and math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-            bad_steps = 0
-        else:
-            bad_steps += 1
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.time() - t0
-        if not finite:
-            print0(f"step {step}: non-finite loss or grad norm (loss {m['loss']}, grad norm {grad_norm}); "
-                   f"step skipped ({bad_steps} in a row)")
-        if step % args.log_every == 0 or step == total_steps or not finite:
-            flops = step_flops(n_params, config.n_layers, config.n_heads * config.head_dim, micro)
-            flops = dist.all_reduce_sum({"f": flops}, device)["f"]
-            rec = {"step": step, "epoch": epoch, **m, "lr": lr, "grad_norm": grad_norm,
-                   "tokens": sums["n_tokens"], "tokens_per_s": sums["n_tokens"] / dt,
-                   "mfu": flops / dt / (peak * world_size) if peak else None,
-                   "mem_gb": dist.all_reduce_max(memory_gb(device), device), "skipped": not finite,
-                   "time": time.time() - t_start}
-            first_rec = first_rec or rec
-            last_rec = rec
-            if rank == 0:
-                append_jsonl(metrics_path, rec)
-                tqdm.write(format_line(rec, total_steps))
+    bar = tqdm(total=job.total_steps, initial=state.step, disable=job.rank != 0 or not sys.stderr.isatty(), leave=False)
+    while state.step < job.total_steps:
+        rec, micro, dt = optimizer_step(job, state, stream)
+        if state.step % args.log_every == 0 or state.step == job.total_steps or rec["skipped"]:
+            rec = log_step(job, rec, micro, dt)
+            records["first"] = records["first"] or rec
+            records["last"] = rec
         bar.update(1)
-        if bad_steps >= args.max_bad_steps:
-            raise TrainingDiverged(f"{bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping at step "
-                                   f"{step} to protect the weights (last good checkpoint: {ckpt_root}/latest); "
-                                   f"try a lower --lr or --dtype float32")
-        if args.eval_every and step % args.eval_every == 0 and step < total_steps:
-            run_eval(step)
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save(step)
+        if state.bad_steps >= args.max_bad_steps:
+            raise TrainingDiverged(f"{state.bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping at "
+                                   f"step {state.step} to protect the weights (last good checkpoint: "
+                                   f"{job.ckpt_root}/latest); try a lower --lr or --dtype float32")
+        if state.step < job.total_steps:             # the last step is evaluated and saved by finish()
+            if args.eval_every and state.step % args.eval_every == 0:
+                run_eval(job, state)
+            if args.save_every and state.step % args.save_every == 0:
+                save(job, state)
     bar.close()
+    return records
 
-    final_eval = run_eval(step)
-    save(step)
-    if not args.no_export:
-        dist.export_hf(model, config, tok, out / "final")
-    summary = {"first": first_rec, "last": last_rec, "eval0": eval0, "eval": final_eval, "steps": step,
-               "wall_s": time.time() - t_start, "out": str(out)}
-    print_summary(args, summary)
+
+# -----------------------------------------------------------------------------
+# the end of a run
+
+
+def finish(job: Job, state: LoopState, records: dict) -> dict:
+    """Final eval, checkpoint and HF export; prints and returns the summary."""
+    final_eval = run_eval(job, state)
+    save(job, state)
+    if not job.args.no_export:
+        dist.export_hf(job.model, job.config, job.tok, job.out / "final")
+    summary = {**records, "eval": final_eval, "steps": state.step, "wall_s": time.time() - job.t_start,
+               "out": str(job.out)}
+    print_summary(job.args, summary)
     return summary
+
+
+def finish_completed_run(job: Job, state: LoopState) -> dict:
+    """--resume of a run that has done all its steps: nothing to train, evaluate or save again (that would
+    append a second final eval and rewrite the checkpoint just loaded); only a missing final export is made."""
+    final = job.out / "final"
+    if not job.args.no_export and not (final / "config.json").is_file():
+        dist.export_hf(job.model, job.config, job.tok, final)
+        print0(f"the run in {job.out} was already complete at step {state.step}; wrote its missing export {final}")
+    else:
+        print0(f"the run in {job.out} is already complete: its checkpoint is at step {state.step}, this run has "
+               f"{job.total_steps} steps (raise --max-steps or --epochs to train further)")
+    return {"first": None, "last": None, "eval0": None, "eval": None, "steps": state.step,
+            "wall_s": time.time() - job.t_start, "out": str(job.out)}
+
+
+def run(args) -> dict:
+    """The whole run: setup, resume, the loop, final eval, checkpoint and export. Returns a summary."""
+    check_args(args)
+    job, ckpt = setup(args)
+    state = resume(job, ckpt)
+    if ckpt is not None and state.step >= job.total_steps:
+        return finish_completed_run(job, state)
+    records = train_loop(job, state)
+    return finish(job, state, records)
 
 
 def count_params(model) -> int:
@@ -674,6 +892,34 @@ def clip_grad_norm(model, max_norm: float) -> float:
     return float(norm)
 
 
+def eval_commands(args) -> list[str]:
+    """The eval_rm.py commands that evaluate this run, runnable as printed: a reward model trained on the
+    training pairs with the run's backbone, tokenizer and template, then the win rate of OUT/final against
+    the starting model on held-out prompts. The default tiny synthetic run has eval_rm.py's own demo."""
+    out, q = Path(args.out), shlex.quote
+    demo = (args.data is None and args.eval_data is None and args.model == "tiny" and args.seed == 42
+            and args.tokenizer is None and args.template == "auto")
+    if demo:   # eval_rm.py's demo knows this layout (and the tiny model's init seed, 42)
+        return ["python eval_rm.py" + ("" if str(out) == "out" else f" demo --root {q(str(out))}")]
+    same = (["--tokenizer", args.tokenizer] if args.tokenizer else []) + \
+           (["--template", args.template] if args.template != "auto" else [])
+    if args.data is None:      # the synthetic pairs this run wrote (and its synthetic held-out set)
+        rm_data = ["--data", str(out / "data" / f"synthetic_train_{args.synthetic_pairs}.parquet")]
+        prompts = ["--data", args.eval_data or str(out / "data" / "synthetic_eval.parquet")]
+    else:
+        rm_data = ["--data", args.data] + (["--split", args.split] if args.split else [])
+        prompts = (["--data", args.eval_data] if args.eval_data else
+                   ["--data", args.data] if args.eval_split else rm_data)
+    prompts += ["--split", args.eval_split] if args.eval_split else []
+    init = [] if args.model == "tiny" else ["--init", args.model]
+    # the base policy "tiny" is the random init of --seed (eval_rm.py assumes train.py's default, 42)
+    seed = ["--init-seed", str(args.seed)] if args.model == "tiny" and args.seed != 42 else []
+    train_rm = ["train-rm", "--out", str(out / "rm"), *init, *rm_data, *same]
+    winrate = ["winrate", "--rm", str(out / "rm"), "--policy", f"orpo={out / 'final'}", "--policy",
+               f"base={args.model}", *seed, *prompts, *same, "--out", str(out / "winrate")]
+    return ["python eval_rm.py " + shlex.join(c) for c in (train_rm, winrate)]
+
+
 def print_summary(args, s: dict) -> None:
     out = Path(args.out)
     first, last, e0, e1 = s["first"], s["last"], s["eval0"], s["eval"]
@@ -687,12 +933,12 @@ def print_summary(args, s: dict) -> None:
     exported = "" if args.no_export else "final/ (HF model + tokenizer), best/ (best eval loss), "
     print0(f"outputs in {out}/: {exported}ckpt/ (--resume), metrics.jsonl"
            + (", data/ (synthetic pairs)" if args.data is None else ""))
-    if args.data is None and args.model == "tiny":   # eval_rm.py's demo knows this layout
-        print0("evaluate with:  python eval_rm.py" + ("" if str(out) == "out" else f" demo --root {out}"))
-    else:
-        print0(f"evaluate with:  python eval_rm.py train-rm --out {out}/rm --data {args.data}\n"
-               f"                python eval_rm.py winrate --rm {out}/rm --policy orpo={out}/final "
-               f"--policy base={args.model} --data {args.eval_data or args.data} --out {out}/winrate")
+    if args.no_export:         # eval_rm.py evaluates OUT/final, which this run did not write
+        return
+    commands = eval_commands(args)
+    print0("evaluate with:  " + "\n                ".join(commands))
+    if args.data is not None and args.eval_data is None and args.eval_split is None:
+        print0("                (win-rate prompts from the training data: give held-out pairs to --data for a fair test)")
 
 
 def main(argv=None) -> int:
@@ -707,7 +953,8 @@ def main(argv=None) -> int:
         if os.environ.get("ORPO_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+        # a UserError is the same on every rank: print it once; anything else may be one rank's alone
+        (print0 if isinstance(e, UserError) else print)(f"error: {msg}", file=sys.stderr)
         return 2
     finally:
         dist.compute_cleanup()

@@ -73,14 +73,6 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # FLOPs
 
-def attention_pairs(seg_lens: torch.Tensor) -> float:
-    """(query, key) pairs the mask allows, summed over segments: [prompt|chosen] is causal, rejected
-    queries see the prompt and the earlier rejected tokens. The unshared layout is c = r = 0."""
-    p, c, r = (x.double() for x in seg_lens.unbind(1))
-    main = p + c
-    return float((main * (main + 1) / 2 + r * p + r * (r + 1) / 2).sum())
-
-
 def step_flops(config, n_matmul_params: int, batch) -> float:
     """Model FLOPs of one forward + backward: 6 per parameter per token (lm_head on the M target rows only)
     plus attention (2 matmuls x 2 FLOPs x d_attn per allowed pair, x3 for forward + backward)."""
@@ -88,6 +80,7 @@ def step_flops(config, n_matmul_params: int, batch) -> float:
     trunk = n_matmul_params - lm_head
     M = batch.tgt_index.numel()
     d_attn = config.n_heads * config.head_dim
+    from train import attention_pairs   # (query, key) pairs the packed mask allows
     return 6 * trunk * batch.num_tokens + 6 * lm_head * M + 12 * config.n_layers * d_attn * attention_pairs(batch.seg_lens)
 
 

@@ -46,6 +46,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -177,7 +178,6 @@ def snapshot_code(work):
     """Copy the project's top-level .py files to WORK/code, and run every job from there: all runs of one
     experiment then use the same code even if the checkout is edited meanwhile. -> (dir, {file: sha256})"""
     import hashlib
-    import shutil
     code = work / "code"
     shutil.rmtree(code, ignore_errors=True)
     code.mkdir(parents=True)
@@ -196,6 +196,8 @@ def run_jobs(jobs, n_parallel, threads, bar, timings, code):
         while pending or running:
             while pending and len(running) < n_parallel:
                 job = pending.pop(0)
+                # a fresh run each time: train.py refuses an --out that holds another run's checkpoints
+                shutil.rmtree(job.out, ignore_errors=True)
                 job.out.parent.mkdir(parents=True, exist_ok=True)
                 log = open(job.log, "w")
                 log.write(f"$ python {job.script} {' '.join(job.argv)}\n")

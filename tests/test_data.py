@@ -149,6 +149,46 @@ def test_folder_glob_split_and_row_groups(tmp_path, tok):
         data.resolve_files(tmp_path / "repo", "valid")
 
 
+def test_folder_of_several_splits_needs_a_split(tmp_path, tok, capsys):
+    rows = {"prompt": ["q0", "q1"], "chosen": ["a", "a"], "rejected": ["b", "b"]}
+    hub = tmp_path / "hub" / "data"                          # a Hub snapshot: data/<split>-00000-of-00001.parquet
+    hub.mkdir(parents=True)
+    write(hub / "train_prefs-00000-of-00001.parquet", rows)
+    write(hub / "test_prefs-00000-of-00001.parquet", rows)
+    with pytest.raises(DataError, match=r"hub holds the parquet files of 2 splits \(test_prefs, train_prefs\): "
+                                        r"give the split to read"):
+        build_pairs(tmp_path / "hub", tok)
+    assert data.main(["--data", str(tmp_path / "hub")]) == 2          # one line, no traceback
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 splits" in err and "Traceback" not in err
+    for name in ("train", "test"):                             # <split>/ folders
+        (tmp_path / "folders" / name).mkdir(parents=True)
+        write(tmp_path / "folders" / name / "0000.parquet", rows)
+    with pytest.raises(DataError, match=r"2 splits \(test, train\)"):
+        data.resolve_files(tmp_path / "folders")
+    assert [f.parent.name for f in data.resolve_files(tmp_path / "folders", "test")] == ["test"]
+    assert len(data.resolve_files(str(tmp_path / "folders" / "*" / "*.parquet"))) == 2   # a glob reads them all
+    # no split structure (parts of one dataset, or one split alone): the folder is read whole
+    (tmp_path / "parts").mkdir()
+    for name in ("en.parquet", "fr.parquet"):
+        write(tmp_path / "parts" / name, rows)
+    assert len(data.resolve_files(tmp_path / "parts")) == 2
+    (tmp_path / "one").mkdir()
+    write(tmp_path / "one" / "train-00000-of-00002.parquet", rows)
+    write(tmp_path / "one" / "train-00001-of-00002.parquet", rows)
+    assert len(data.resolve_files(tmp_path / "one")) == 2
+
+
+def test_a_split_given_with_a_file_or_glob_is_an_error(tmp_path, tok):
+    f = write(tmp_path / "pairs.parquet", {"prompt": ["q"], "chosen": ["a"], "rejected": ["b"]})
+    with pytest.raises(DataError, match=r"split 'test_prefs' was given but .*pairs.parquet is a single parquet "
+                                        r"file, which has no splits: point at a folder or a Hub dataset, or drop"):
+        build_pairs(f, tok, split="test_prefs")               # was: the training file read again as eval data
+    with pytest.raises(DataError, match=r"split 'test' was given but .*\*.parquet is a glob, which has no splits"):
+        data.resolve_files(str(tmp_path / "*.parquet"), "test")
+    assert len(build_pairs(f, tok)) == 1
+
+
 def test_hub_dataset_without_network_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="split"):
@@ -271,14 +311,16 @@ def test_real_tokenizers_put_bos_where_their_post_processor_does(name, bos, eos)
 def test_filters_counted_by_reason_and_truncation_keeps_the_prompt(tmp_path, tok):
     long_prompt = "x" * 40
     f = write(tmp_path / "f.parquet", {
-        "prompt": ["same", "empty", "long", long_prompt, "ok", "cut"],
-        "chosen": ["a", "", "b", "c", "yes", "y" * 50],
-        "rejected": ["a", "r", " ", "d", "no", "n" * 5]})
+        "prompt": ["same", "empty", "long", long_prompt, "ok", "cut", "twin"],
+        "chosen": ["a", "", "b", "c", "yes", "y" * 50, "z" * 30 + " kind"],     # the twins differ only past
+        "rejected": ["a", "r", " ", "d", "no", "n" * 5, "z" * 30 + " rude"]})   # max_length: equal once cut
     pairs = build_pairs(f, tok, template="raw", max_length=30, max_prompt_length=20)
     s = pairs.stats
-    assert (s["rows"], s["kept"]) == (6, 2)
+    assert (s["rows"], s["kept"]) == (7, 2)
     assert (s["dropped/chosen_equals_rejected"], s["dropped/empty_response"], s["dropped/prompt_too_long"]) == (1, 2, 1)
-    assert (s["truncated/chosen"], s["truncated/rejected"]) == (1, 0)
+    assert s["dropped/identical_after_truncation"] == 1
+    assert (s["truncated/chosen"], s["truncated/rejected"]) == (1, 0)      # a dropped pair is not counted as cut
+    assert all(not np.array_equal(p.chosen_ids, p.rejected_ids) for p in pairs)
     cut = pairs[1]
     assert tok.decode(cut.prompt_ids) == "<s>cut"                    # the prompt is never truncated
     assert len(cut.prompt_ids) + len(cut.chosen_ids) == 30          # the response is, to exactly max_length
@@ -298,7 +340,8 @@ def random_pairs(n, seed=0, vocab=100):
 
 
 def visible_context(batch, row):
-    """The tokens row `row` attends to under the contract's rule, in position order (ends with itself)."""
+    """The tokens row `row` attends to (its segment's earlier tokens, never chosen from rejected), in position
+    order (ends with itself)."""
     starts = np.concatenate([[0], np.cumsum(batch.seg_lens.sum(1).numpy())])
     s = int(np.searchsorted(starts, row, side="right") - 1)
     p, c, r = batch.seg_lens[s].tolist()
@@ -396,6 +439,51 @@ def test_resume_reproduces_the_rest_of_the_epoch():
         PairBatcher(pairs, batch_size=3, seed=6).load_state_dict(state)
 
 
+def test_state_dict_records_what_the_batches_depend_on():
+    pairs = random_pairs(40, seed=4)
+    state = PairBatcher(pairs, batch_size=4, seed=5).state_dict()
+    assert set(state) == {"epoch", "position", "world_size", "seed", "batch_size", "max_tokens", "grad_accum",
+                          "shared_prompt", "group_batches", "n_pairs", "pairs_crc32"}
+    assert state["n_pairs"] == 40 and json.loads(json.dumps(state)) == state       # train.py stores it as JSON
+    pairset = data.PairSet(pairs)                     # the checksum of a PairSet and of a list of its pairs agree
+    assert data.pairs_crc32(pairset) == data.pairs_crc32(list(pairset)) == state["pairs_crc32"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(batch_size=8), r"batch size \(pairs per micro-batch\) 4, now 8 \("),
+    (dict(batch_size=None, max_tokens=64), r"batch size \(pairs per micro-batch\) 4, now None; max tokens per "
+                                           r"micro-batch None, now 64; group_batches 1, now 50"),
+    (dict(grad_accum=2), r"grad_accum 1, now 2"),
+    (dict(shared_prompt=False), r"shared_prompt True, now False"),
+    (dict(group_batches=3), r"group_batches 1, now 3"),
+    (dict(seed=6), r"seed 5, now 6"),
+    (dict(world_size=2), r"world size 1, now 2"),
+    (dict(pairs=random_pairs(30, seed=4)), r"number of pairs 40, now 30; checksum \(crc32\) of the pairs' tokens"),
+    (dict(pairs=random_pairs(40, seed=9)), r"checksum \(crc32\) of the pairs' tokens \d+, now \d+ \("),
+])
+def test_resume_refuses_a_state_saved_under_other_settings(change, message):
+    settings = dict(pairs=random_pairs(40, seed=4), batch_size=4, max_tokens=None, seed=5, grad_accum=1)
+    saved = PairBatcher(**settings)
+    next(iter(saved))
+    state = saved.state_dict()
+    resumed = PairBatcher(**{**settings, **change})
+    with pytest.raises(DataError, match="cannot resume: the batcher was saved with " + message):
+        resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.position) == (0, 0)
+    PairBatcher(**settings).load_state_dict(state)           # the same settings resume
+
+
+def test_resume_from_an_incomplete_state_is_a_clear_error():
+    batcher = PairBatcher(random_pairs(10), batch_size=2)
+    with pytest.raises(DataError, match=r"cannot resume: the saved batcher state has no batch_size, max_tokens, "
+                                        r"grad_accum, shared_prompt, group_batches, n_pairs, pairs_crc32"):
+        batcher.load_state_dict({"epoch": 1, "position": 2, "seed": 0, "world_size": 1})
+    for _ in batcher:
+        pass
+    batcher.rewind()
+    assert (batcher.epoch, batcher.position) == (0, 0) and len(list(batcher)) == 5
+
+
 def test_too_little_data_for_the_ranks_is_an_error():
     with pytest.raises(DataError, match="fewer than world_size"):
         len(PairBatcher(random_pairs(3), batch_size=4, world_size=2))
@@ -472,6 +560,12 @@ def test_cli_stats_show_and_help(tmp_path, capsys):
     assert data.main(["--data", str(f), "--stats", "--show", "1"]) == 0
     out = capsys.readouterr().out
     assert "rows read 50, kept 50" in out and "prompt share" in out and "[PROMPT]<s><|user|>" in out
+    named = write(tmp_path / "named.parquet", {"q": ["hi"], "good": ["yes"], "bad": ["no"]})
+    assert data.main(["--data", str(named)]) == 2
+    assert "--prompt-column/--chosen-column/--rejected-column" in capsys.readouterr().err   # train.py's names
+    assert data.main(["--data", str(named), "--prompt-column", "q", "--chosen-column", "good",
+                      "--rejected-column", "bad"]) == 0
+    assert "rows read 1, kept 1" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         data.main(["--help"])
     assert exit_.value.code == 0 and "default: 2048" in capsys.readouterr().out

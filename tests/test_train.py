@@ -8,6 +8,7 @@ subprocess runs use the same kernels and can be compared closely.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import dist
 import model as model_lib
 import orpo
 import train
@@ -167,13 +169,46 @@ def test_sft_gradient_ignores_rejected_when_lam_is_zero(tmp_path, one_thread):
 
 
 def test_lr_schedules():
-    args = train.parse_args(["--warmup-steps", "10", "--schedule", "cosine"])
-    f = train.lr_lambda(args, 110)
-    assert f(0) < f(5) < f(9) <= 1.0                       # linear warmup
+    f = train.lr_lambda("cosine", 10, 110)
+    assert f(0) == 0.0 and f(0) < f(5) < f(9) < 1.0                  # linear warmup from 0
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
-    args.schedule = "inverse_sqrt"
-    g = train.lr_lambda(args, 110)
+    g = train.lr_lambda("inverse_sqrt", 10, 110)
     assert g(10) == pytest.approx(1.0) and g(40) == pytest.approx(0.5)
+    # --warmup-ratio rounds up (as transformers): a small ratio of a short run still warms up
+    assert train.warmup_steps(train.parse_args(["--warmup-ratio", "0.01"]), 50) == 1
+    assert train.warmup_steps(train.parse_args(["--warmup-steps", "7"]), 50) == 7
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "inverse_sqrt", "constant"])
+@pytest.mark.parametrize("warmup", [0, 200])
+def test_lr_schedules_equal_transformers(schedule, warmup):
+    """The multiplier at every step equals transformers' scheduler of the same name (what the official scripts
+    ran), including its warmup convention (step / warmup: lr 0 at the first step) and inverse_sqrt's time
+    scale (the warmup, or 10_000 without one)."""
+    transformers = pytest.importorskip("transformers")
+    total = 1000
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = {"cosine": lambda: transformers.get_cosine_schedule_with_warmup(opt, warmup, total),
+          "inverse_sqrt": lambda: transformers.get_inverse_sqrt_schedule(opt, warmup),
+          "constant": lambda: transformers.get_constant_schedule_with_warmup(opt, warmup)}[schedule]()
+    ours = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                                             train.lr_lambda(schedule, warmup, total))
+    for step in range(total):
+        assert ours.get_last_lr()[0] == pytest.approx(hf.get_last_lr()[0], rel=1e-12, abs=1e-15), step
+        ours.optimizer.step(), ours.step(), opt.step(), hf.step()
+
+
+def test_attention_flops_count_the_pairs_the_mask_allows():
+    """MFU's attention term counts the (query, key) pairs of model.py's packed mask, in both layouts (a
+    rejected token sees neither the chosen tokens nor itself twice): 12 * layers * d_attn FLOPs per pair."""
+    g = torch.Generator().manual_seed(0)
+    for seg_lens in (torch.randint(1, 9, (5, 3), generator=g), torch.tensor([[6, 0, 0], [3, 0, 0]])):
+        seg_id, branch = model_lib._token_tags(seg_lens, torch.device("cpu"))
+        order = torch.arange(len(seg_id))
+        mask = model_lib._visible(seg_id, branch, order, None, order[:, None], order[None, :])
+        assert train.attention_pairs(seg_lens) == int(mask.sum())
+        batch = type("Batch", (), {"seg_lens": seg_lens, "num_tokens": len(seg_id)})
+        assert train.step_flops(0, 3, 8, [batch]) == 12 * 3 * 8 * int(mask.sum())
 
 
 # -----------------------------------------------------------------------------
@@ -183,12 +218,12 @@ def test_lr_schedules():
 def test_default_tiny_run_learns(tmp_path):
     """The tiny preset on the synthetic pairs: nll falls, log_odds and reward accuracy rise (eval set)."""
     out = tmp_path / "run"
-    argv = ["--out", str(out), "--synthetic-pairs", "400", "--max-steps", "80", "--eval-every", "40",
+    argv = ["--out", str(out), "--synthetic-pairs", "400", "--max-steps", "100", "--eval-every", "50",
             "--save-every", "0", "--no-export"]
     assert run_main(argv) == 0
     steps, evals = read_metrics(out), read_metrics(out, eval_records=True)
-    assert [r["step"] for r in steps] == list(range(1, 81))
-    assert [r["step"] for r in evals] == [0, 40, 80]         # eval 0 is the untrained model
+    assert [r["step"] for r in steps] == list(range(1, 101))
+    assert [r["step"] for r in evals] == [0, 50, 100]        # eval 0 is the untrained model
     start, end = evals[0], evals[-1]
     assert end["eval_nll"] < start["eval_nll"] - 2.0
     assert end["eval_log_odds"] > start["eval_log_odds"] + 0.1
@@ -298,3 +333,197 @@ def test_bad_input_is_one_clean_line(tmp_path, capsys, monkeypatch, argv, needle
     assert run_main(["--out", str(tmp_path), "--synthetic-pairs", "20", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--grad-accum", "0"], "--grad-accum 0: must be at least 1"),
+    (["--log-every", "0"], "--log-every 0: must be at least 1"),
+    (["--max-bad-steps", "0"], "--max-bad-steps 0: must be at least 1"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints 0: must be at least 1"),
+    (["--save-every", "-1"], "--save-every -1: must be at least 0 (0 = only at the end)"),
+    (["--lr", "0"], "--lr 0.0: must be a positive number"),
+    (["--lr", "nan"], "--lr nan"),
+    (["--eval-fraction", "1.0"], "--eval-fraction 1.0: must be in [0, 1)"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio 1.5"),
+    (["--split", "train"], "--split train needs --data"),
+    (["--eval-split", "test"], "--eval-split test needs --data or --eval-data"),
+    (["--model-config", '{"nope": 1}'], "ModelConfig has no field 'nope'"),
+])
+def test_bad_numbers_and_combinations_are_one_clean_line(tmp_path, capsys, argv, needle):
+    """Checked before any work: each would otherwise fail late (ZeroDivisionError after the first step) or
+    quietly do something else (--keep-checkpoints 0 kept every checkpoint, --split ignored)."""
+    assert run_main(["--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_is_one_clean_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert run_main(["--out", str(tmp_path / "afile"), "--synthetic-pairs", "20"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'afile'} is a file, not a directory"
+
+
+# -----------------------------------------------------------------------------
+# checkpoints of a finished run: fresh start, resume, pruning
+
+FINISHED_ARGS = ["--model-config", SMALL_JSON, "--synthetic-pairs", "40", "--batch-size", "4", "--max-steps", "4",
+                 "--save-every", "1", "--eval-every", "2", "--warmup-ratio", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A complete 4-step run that saved after every step (keeping 2), and its console output."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        assert run_main(["--out", str(out), *FINISHED_ARGS]) == 0
+    return out, log.getvalue()
+
+
+def tree(path: Path) -> dict:
+    """Every file under path -> (size, mtime_ns): what 'nothing was touched' means."""
+    return {str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_finished_run_layout(finished_run):
+    out, log = finished_run
+    assert sorted(p.name for p in (out / "ckpt").glob("step_*")) == ["step_0000003", "step_0000004"]
+    assert (out / "ckpt" / "latest").read_text() == "step_0000004"
+    assert "warmup 1 |" in log                         # --warmup-ratio 0.1 of 4 steps, rounded up (and shown)
+    assert [r["lr"] for r in read_metrics(out)][:2] == [0.0, pytest.approx(train.TINY_LR)]
+
+
+def test_fresh_start_into_an_earlier_runs_out_is_refused(finished_run, capsys):
+    """Without --resume, a second run in the same --out would mix its checkpoints with the first run's
+    (pruned as older, `latest` dangling, a later --resume loading the other run): refused, nothing touched."""
+    out, _ = finished_run
+    before = tree(out)
+    assert run_main(["--out", str(out), *FINISHED_ARGS, "--max-steps", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out {out} already holds checkpoints of an earlier run (step 4); "
+        f"pass --resume to continue it, or choose another --out")
+    assert tree(out) == before
+
+
+def test_resume_of_a_finished_run_does_nothing(finished_run, tmp_path, capsys):
+    """No second final eval, no re-save (which deleted the checkpoint just loaded), no re-export; a missing
+    final export (a run killed while exporting) is the one thing still done."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    before = tree(out)
+    assert run_main(["--out", str(out), *FINISHED_ARGS, "--resume"]) == 0
+    assert "already complete: its checkpoint is at step 4, this run has 4 steps" in capsys.readouterr().out
+    assert tree(out) == before
+    shutil.rmtree(out / "final")
+    assert run_main(["--out", str(out), *FINISHED_ARGS, "--resume"]) == 0
+    assert "wrote its missing export" in capsys.readouterr().out
+    after = tree(out)
+    assert {k: v for k, v in after.items() if not k.startswith("final/")} == \
+           {k: v for k, v in before.items() if not k.startswith("final/")}
+    assert final_weights(out).keys() == final_weights(finished_run[0]).keys()
+
+
+def edit_trainer_state(out: Path, **changes):
+    path = out / "ckpt" / (out / "ckpt" / "latest").read_text() / "trainer_state.json"
+    state = json.loads(path.read_text())
+    for k, v in changes.items():
+        state[k] = v
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("change,needle", [
+    ("world_size", "error: resume needs the same number of ranks: the checkpoint was written by 2, this run has 1"),
+    (["--batch-size", "8"], "batch size"),
+    (["--grad-accum", "2"], "grad_accum"),
+    (["--seed", "1"], "seed"),
+])
+def test_resume_with_other_ranks_or_batching_is_one_clean_line(finished_run, tmp_path, capsys, change, needle):
+    """The saved data position means other pairs under another world size or batching: refused up front,
+    before the model is loaded, in one line."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    extra = ["--max-steps", "8"]
+    if change == "world_size":      # as if written by torchrun --nproc_per_node 2
+        edit_trainer_state(out, world_size=2)
+    else:
+        extra += change
+    assert run_main(["--out", str(out), *FINISHED_ARGS, "--resume", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1, err
+
+
+def fake_checkpoint(root: Path, step: int, run_id: str):
+    d = root / f"step_{step:07d}"
+    d.mkdir(parents=True)
+    (d / "trainer_state.json").write_text(json.dumps({"step": step, "run_id": run_id}))
+    return d
+
+
+def test_prune_keeps_the_new_checkpoint_and_never_touches_another_runs(tmp_path):
+    """keep=2: the checkpoint just written and the newest older one OF THIS RUN; another run's checkpoints
+    (even with higher step numbers) and later steps stay; interrupted saves' debris goes."""
+    root = tmp_path / "ckpt"
+    other = [fake_checkpoint(root, s, "other") for s in (4, 6)]
+    mine = [fake_checkpoint(root, s, "mine") for s in (1, 2, 3)]
+    (root / "tmp-step_0000009").mkdir()
+    names = lambda: sorted(p.name for p in root.iterdir())
+    dist._prune(root, 2, mine[2], "mine")                  # step 3 was just written: step 1 goes
+    assert names() == ["step_0000002", "step_0000003", "step_0000004", "step_0000006"]
+    dist._prune(root, 1, mine[1], "mine")                  # step 2 rewritten after a resume: step 3 is not older
+    assert names() == ["step_0000002", "step_0000003", "step_0000004", "step_0000006"]
+    dist._prune(root, 1, mine[2], "mine")
+    assert names() == ["step_0000003", "step_0000004", "step_0000006"]
+    assert all(p.exists() for p in other)
+
+
+# -----------------------------------------------------------------------------
+# data sources and the closing hint
+
+
+def test_eval_split_is_the_split_of_eval_data(tmp_path, capsys):
+    """--eval-data with --eval-split reads that split (a Hub id needs it; here a local folder in the Hub
+    layout with two splits); before, the split was ignored for --eval-data."""
+    hub = tmp_path / "hub" / "data"
+    data.write_synthetic(hub / "train_prefs-00000-of-00001.parquet", 40, seed=0, split="train")
+    data.write_synthetic(hub / "test_prefs-00000-of-00001.parquet", 12, seed=1, split="eval")
+    src = str(tmp_path / "hub")
+    argv = ["--out", str(tmp_path / "out"), "--model-config", SMALL_JSON, "--data", src, "--split", "train_prefs",
+            "--eval-data", src, "--eval-split", "test_prefs", "--batch-size", "4", "--max-steps", "1",
+            "--eval-every", "0", "--no-export"]
+    assert run_main(argv) == 0
+    log = capsys.readouterr().out
+    assert f"train: 40 pairs from {src} [train_prefs]" in log and f"eval: 12 pairs from {src} [test_prefs]" in log
+
+
+@pytest.mark.parametrize("argv,wanted", [
+    (["--model", "opt-125m", "--data", "HuggingFaceH4/ultrafeedback_binarized", "--split", "train_prefs",
+      "--eval-split", "test_prefs"],
+     [["--init", "opt-125m", "--data", "HuggingFaceH4/ultrafeedback_binarized", "--split", "train_prefs"],
+      ["--policy", "base=opt-125m", "--data", "HuggingFaceH4/ultrafeedback_binarized", "--split", "test_prefs"]]),
+    (["--model", "path/to/llama", "--tokenizer", "tok", "--template", "raw"],     # synthetic data, a real model
+     [["--init", "path/to/llama", "--data", "OUT/data/synthetic_train_2000.parquet", "--tokenizer", "tok"],
+      ["--data", "OUT/data/synthetic_eval.parquet", "--template", "raw"]]),
+    (["--data", "d/*.parquet", "--eval-data", "org/pairs", "--eval-split", "test", "--seed", "7"],
+     [["--data", "d/*.parquet"], ["--policy", "base=tiny", "--init-seed", "7", "--data", "org/pairs", "--split", "test"]]),
+])
+def test_evaluate_hint_is_a_working_command(tmp_path, argv, wanted):
+    """The closing hint names the run's backbone, tokenizer, template, data and splits (win-rate prompts from
+    the held-out split), never `--data None`, and eval_rm.py's parser accepts it as printed."""
+    import shlex
+
+    import eval_rm
+
+    out = tmp_path / "my run"
+    cmds = train.eval_commands(train.parse_args(["--out", str(out), *argv]))
+    assert len(cmds) == 2 and "None" not in " ".join(cmds)
+    for cmd, flags in zip(cmds, wanted):
+        words = shlex.split(cmd)
+        assert words[:2] == ["python", "eval_rm.py"]
+        eval_rm.build_parser().parse_args(words[2:])
+        text = " ".join(words).replace(str(out), "OUT")
+        for i in range(0, len(flags), 2):
+            assert " ".join(flags[i:i + 2]) in text, (flags[i:i + 2], text)
