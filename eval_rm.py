@@ -10,7 +10,8 @@ gives A's answer the higher reward. This file does the three steps:
                     L_RM = -log sigmoid(r(x, y_w) - r(x, y_l))
                 through the same data.py batches and the same dist.py (torchrun, FSDP) as train.py.
   2. sample     Each policy samples one answer per test prompt (temperature 1.0 as in the paper), batched
-                with model.generate, the prompts split over the ranks under torchrun.
+                with model.generate, the prompts split over the ranks under torchrun. Each policy reads the
+                prompt with its own tokenizer; the RM reads the answer text with its own (see "Tokenizers").
   3. winrate    The RM scores every answer; for each pair of policies A, B the win rate of A is the mean over
                 prompts of [r(A) > r(B)] + 0.5 [r(A) = r(B)]. N rounds (default 3) with different sampling
                 seeds give a mean and standard deviation, reported as a table (rows: policy, columns:
@@ -20,7 +21,8 @@ gives A's answer the higher reward. This file does the three steps:
 
 Usage:
     python eval_rm.py                           # demo on the output of the default `python train.py`
-    python eval_rm.py train-rm --out out/rm     # RM on the synthetic pairs (or --data pairs.parquet)
+    python eval_rm.py train-rm --out out/rm     # RM on the synthetic pairs
+    python eval_rm.py train-rm --out out/rm --init opt-350m --data pairs.parquet --val-data test.parquet
     python eval_rm.py winrate --rm out/rm --policy orpo=out/final --policy base=tiny --out out/winrate
     torchrun --nproc_per_node 4 eval_rm.py winrate ...   # same numbers, sampling split over 4 ranks
 """
@@ -185,12 +187,17 @@ def save_reward_model(rm, out_dir, *, tokenizer=None, meta=None, state_dict=None
     (out_dir / META_FILE).write_text(json.dumps({"kind": "orpo-reward-model", **(meta or {})}, indent=2) + "\n")
 
 
+def require_rm_dir(rm_dir):
+    """A clear error when rm_dir is not what save_reward_model writes."""
+    if not (Path(rm_dir) / HEAD_FILE).is_file():
+        raise EvalError(f"{rm_dir} is not a reward model directory ({HEAD_FILE} not found); "
+                        f"make one with `python eval_rm.py train-rm --out {rm_dir}`")
+
+
 def load_reward_model(rm_dir, *, dtype=torch.float32, device="cpu"):
     """The inverse of save_reward_model. -> (RewardModel in eval mode, meta dict)."""
     rm_dir = Path(rm_dir)
-    if not (rm_dir / HEAD_FILE).is_file():
-        raise EvalError(f"{rm_dir} is not a reward model directory ({HEAD_FILE} not found); "
-                        f"make one with `python eval_rm.py train-rm --out {rm_dir}`")
+    require_rm_dir(rm_dir)
     backbone = model_lib.Transformer.from_pretrained(str(rm_dir), dtype=dtype, device=device)
     rm = RewardModel(backbone)
     head = load_file(str(rm_dir / HEAD_FILE))
@@ -455,8 +462,8 @@ def load_policy(spec, device, init_seed=42, dtype=torch.float32):
     such as "tiny", randomly initialised from init_seed exactly as train.py initialises it (seed 42)."""
     if isinstance(spec, nn.Module):
         return spec.to(device).eval()
-    preset = model_lib.PRESETS.get(str(spec))
-    if isinstance(preset, model_lib.ModelConfig) and not Path(str(spec)).is_dir():
+    preset = random_init_config(spec)
+    if preset is not None:
         torch.manual_seed(init_seed)
         return model_lib.Transformer(preset).to(device=device, dtype=dtype).eval()
     return model_lib.Transformer.from_pretrained(str(spec), dtype=dtype, device=device).eval()
@@ -466,8 +473,10 @@ def load_prompts(source, tokenizer, *, n_prompts=None, template="auto", split=No
     """Test prompts from preference data (any data.py layout), rendered as training renders them.
 
     Returns (prompts, stats): each prompt is {"text": the last user message (what the oracle reads),
-    "conversation": data.Conversation, "ids": prompt token ids}. Only the first n_prompts rows are used;
-    rows data.py drops, and prompts longer than max_prompt_length tokens, are counted in stats and skipped.
+    "conversation": data.Conversation, "ids": prompt token ids, "template": the rendering template} plus what
+    policy_prompt_ids needs to render it for another tokenizer. Rows are read in order until n_prompts usable
+    prompts are found, so more than n_prompts rows may be read: rows data.py drops, and prompts longer than
+    max_prompt_length tokens, are skipped and counted in stats (stats["rows"]: rows read).
     """
     from collections import Counter
     stats, prompts, template_src = Counter(), [], None
@@ -487,11 +496,31 @@ def load_prompts(source, tokenizer, *, n_prompts=None, template="auto", split=No
             continue
         user = [m["content"] for m in conv.history if m["role"] == "user"]
         prompts.append({"text": user[-1] if user else prompt_text, "conversation": conv, "ids": ids,
-                        "template": template_src[0]})
+                        "template": template_src[0], "template_option": template, "layout": layout})
     stats["kept"] = len(prompts)
     if not prompts:
         raise EvalError(f"no usable prompts in {source} ({dict(stats)})")
     return prompts, stats
+
+
+def prompts_line(source, prompts, stats):
+    """The log line of load_prompts: how many prompts, from how many rows, and why the other rows were skipped."""
+    skipped = {k: v for k, v in stats.items() if k.startswith("dropped/")}
+    why = ", ".join(f"{k[len('dropped/'):]} {v}" for k, v in sorted(skipped.items())) or "none"
+    return (f"prompts: {len(prompts)} usable from the first {stats['rows']} rows of {source} "
+            f"({stats['rows'] - len(prompts)} skipped: {why})")
+
+
+def policy_prompt_ids(prompts, tok):
+    """The prompts rendered and tokenized for a policy with its own tokenizer (its chat template under
+    --template auto, its vocabulary), exactly as load_prompts renders them for the RM's."""
+    from collections import Counter
+    ids = []
+    for p in prompts:
+        template = data.resolve_template(p["template_option"], tok, p["layout"])
+        prompt_text, _, _ = data.render_texts(p["conversation"], template, tok, Counter())
+        ids.append(tok.encode(prompt_text))
+    return ids
 
 
 def answer_text(tokenizer, answer_ids):
@@ -520,13 +549,15 @@ def scoring_sequences(tokenizer, prompts, answers, stats):
     return [[int(t) for t in p] + [int(t) for t in c] for p, c, _ in data.tokenize_texts(tokenizer, texts, stats)]
 
 
-def evaluate_policies(rm, policies, prompts, *, tokenizer, rounds=3, seed=0, temperature=1.0, top_p=1.0,
-                      max_new_tokens=64, batch_size=32, oracle=None, init_seed=42, dtype=torch.float32,
+def evaluate_policies(rm, policies, prompts, *, tokenizer, policy_toks=None, rounds=3, seed=0, temperature=1.0,
+                      top_p=1.0, max_new_tokens=64, batch_size=32, oracle=None, init_seed=42, dtype=torch.float32,
                       device="cpu"):
     """Sample every policy on every prompt for `rounds` rounds, score with the RM, compare every pair.
 
-    rm: a RewardModel (eval mode); policies: {name: nn.Module, checkpoint dir or preset}; prompts: from
-    load_prompts; oracle: None or a function (prompt text, answer text) -> bool (data.oracle_correct).
+    rm: a RewardModel (eval mode); tokenizer: the RM's; policies: {name: nn.Module, checkpoint dir or preset};
+    policy_toks: {name: tokenizer} (default: policy_tokenizers, i.e. each checkpoint's own): a policy reads its
+    prompts and writes its answers with its own, and the RM reads the answer text with `tokenizer`;
+    prompts: from load_prompts; oracle: None or a function (prompt text, answer text) -> bool (data.oracle_correct).
     Each policy is loaded, sampled for all rounds and freed before the next (one model in memory at a time).
     A policy's answers in round r are sampled once and reused in all its pairings. The seed of policy p in
     round r depends on (seed, r, p's name), so two names for the same checkpoint draw different samples,
@@ -535,18 +566,20 @@ def evaluate_policies(rm, policies, prompts, *, tokenizer, rounds=3, seed=0, tem
     """
     from collections import Counter
     names, n = list(policies), len(prompts)
-    prompt_ids = [p["ids"] for p in prompts]
+    toks = policy_toks if policy_toks is not None else policy_tokenizers(policies, tokenizer)
     answers = {}                                                                  # name -> [round][prompt]
     for name in names:
+        tok = toks[name]
+        prompt_ids = [p["ids"] for p in prompts] if tok is tokenizer else policy_prompt_ids(prompts, tok)
         policy = load_policy(policies[name], device, init_seed, dtype)
         answers[name] = [sample_answers(policy, prompt_ids, seed=derive_seed(seed, r, name), batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        eos_id=tokenizer.eos_id, device=device, desc=f"sample {name} round {r}")
+                                        eos_id=tok.eos_id, device=device, desc=f"sample {name} round {r}")
                          for r in range(rounds)]
         del policy
     texts, unknown, render_stats = {}, {}, Counter()
     for name in names:
-        decoded = [[answer_text(tokenizer, a) for a in answers[name][r]] for r in range(rounds)]
+        decoded = [[answer_text(toks[name], a) for a in answers[name][r]] for r in range(rounds)]
         texts[name] = [[t for t, _ in row] for row in decoded]
         unknown[name] = sum(u for row in decoded for _, u in row)
     sequences = scoring_sequences(tokenizer, prompts, [(i, texts[name][r][i]) for name in names
@@ -561,6 +594,7 @@ def evaluate_policies(rm, policies, prompts, *, tokenizer, rounds=3, seed=0, tem
     for name in names:
         spec = policies[name]
         report["policies"][name]["path"] = str(spec) if not isinstance(spec, nn.Module) else "<in-process module>"
+        report["policies"][name]["tokenizer"] = toks[name].name
         report["policies"][name]["out_of_vocab_tokens_dropped"] = unknown[name]
         report["policies"][name]["mean_answer_tokens"] = float(np.mean([len(a) for row in answers[name] for a in row]))
     report["rewards"] = {name: rewards[name].tolist() for name in names}
@@ -652,29 +686,143 @@ def write_report(report, out_dir):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Data: preference pairs for the RM, prompts for the win rates
+# Tokenizers: every model reads text with the tokenizer it was trained with
+#
+# A tokenizer is never guessed. The RM's is --tokenizer, else its --init checkpoint's own, found the way the
+# model itself is found (model.resolve_checkpoint: a folder, a Hub id, or a preset naming one, such as
+# opt-350m -> facebook/opt-350m). train-rm saves it beside the RM and winrate reads it back from there. A
+# random-init preset (tiny) has no tokenizer of its own: data.py's synthetic one fits it on the synthetic
+# pairs only, as in train.py's default run. Each policy reads its prompts with its own checkpoint's tokenizer;
+# its answers go back to text and the RM re-tokenizes that text with the RM's (scoring_sequences), so a
+# policy and the RM may use different vocabularies.
 
 
-def resolve_tokenizer(tokenizer, *candidates):
-    """--tokenizer if given, else the first candidate dir holding tokenizer.json, else the synthetic one."""
+def random_init_config(spec):
+    """The ModelConfig of a weightless preset such as "tiny" (random init), or None for a real checkpoint."""
+    preset = model_lib.PRESETS.get(str(spec))
+    return preset if isinstance(preset, model_lib.ModelConfig) and not Path(str(spec)).is_dir() else None
+
+
+def load_named_tokenizer(flag, name):
+    """data.load_tokenizer, its errors turned into one line that names the option they came from."""
+    try:
+        return data.load_tokenizer(name)
+    except (ValueError, FileNotFoundError) as e:
+        raise EvalError(f"{flag}: {e}") from None
+
+
+def checkpoint_tokenizer(flag, spec, remedy):
+    """The tokenizer saved with checkpoint `spec` (a folder, a Hub id or a preset naming one)."""
+    try:
+        ckpt_dir = model_lib.resolve_checkpoint(spec)
+    except ValueError as e:                      # model.CheckpointError: unknown name, offline, no config.json
+        raise EvalError(f"{flag}: {e}") from None
+    if not (Path(ckpt_dir) / "tokenizer.json").is_file():
+        raise EvalError(f"{flag}: {ckpt_dir} has no tokenizer.json, so how this model reads text is unknown; {remedy}")
+    return load_named_tokenizer(flag, ckpt_dir)
+
+
+def init_tokenizer(tokenizer, init, data_source):
+    """train-rm's tokenizer: --tokenizer, else --init's own; the synthetic one only for a random-init preset
+    on --data synthetic (train.py's demo pairing). Never a silent fallback: anything else is an error."""
     if tokenizer:
-        return data.load_tokenizer(tokenizer)
-    for c in candidates:
-        if c is not None and (Path(str(c)) / "tokenizer.json").is_file():
-            return data.load_tokenizer(str(c))
-    return data.synthetic_tokenizer()
+        return load_named_tokenizer("--tokenizer", tokenizer)
+    if random_init_config(init) is not None:
+        if data_source == "synthetic":
+            return data.synthetic_tokenizer()
+        raise EvalError(f"--init {init} is a random-init preset with no tokenizer of its own, so --data "
+                        f"{data_source} needs --tokenizer (a folder, a Hub id, or 'synthetic' for data.py's pairs)")
+    return checkpoint_tokenizer(f"--init {init}", init, "pass --tokenizer")
 
 
-def resolve_data(source, scratch_dir, *, n_pairs, seed, split):
-    """'synthetic' -> a fresh data.write_synthetic parquet in scratch_dir; anything else must exist.
+def rm_tokenizer(tokenizer, rm_dir):
+    """winrate's RM tokenizer: --tokenizer, else the one train-rm saved beside the RM."""
+    if tokenizer:
+        return load_named_tokenizer("--tokenizer", tokenizer)
+    if not (Path(rm_dir) / "tokenizer.json").is_file():
+        raise EvalError(f"--rm {rm_dir} has no tokenizer.json (train-rm saves the one the RM was trained with); "
+                        f"pass --tokenizer")
+    return load_named_tokenizer(f"--rm {rm_dir}", rm_dir)
 
-    split is "train" (RM training) or "eval" (win-rate prompts): the two never share a prompt."""
-    if source == "synthetic":
-        path = Path(scratch_dir) / f"synthetic_{split}_{n_pairs}_seed{seed}.parquet"
-        return data.write_synthetic(path, n_pairs, seed=seed, split=split)
-    if not Path(source).exists():
-        raise EvalError(f"--data {source}: no such file or directory")
-    return source
+
+def policy_tokenizers(policies, rm_tok):
+    """{name: the tokenizer the policy reads prompts with}: a checkpoint's own; the RM's for a random-init preset
+    or an in-process module, whose vocabulary must then hold every id of the RM's tokenizer."""
+    toks = {}
+    for name, spec in policies.items():
+        where = f"policy {name}" if isinstance(spec, nn.Module) else f"--policy {name}={spec}"
+        config = getattr(spec, "config", None) if isinstance(spec, nn.Module) else random_init_config(spec)
+        if config is None and not isinstance(spec, nn.Module):
+            toks[name] = checkpoint_tokenizer(where, spec, "save the policy's tokenizer there (train.py does)")
+            continue
+        if config is not None and rm_tok.vocab_size > config.vocab_size:
+            raise EvalError(f"{where}: its {config.vocab_size}-token vocabulary cannot read the RM's tokenizer "
+                            f"({rm_tok.vocab_size} tokens); give a checkpoint that has its own tokenizer")
+        toks[name] = rm_tok
+    return toks
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Data: preference pairs for the RM, read as train.py reads --data (data.build_pairs)
+
+SYNTHETIC_VAL_PAIRS = 200         # --val-data synthetic: train.py's held-out synthetic pairs use seed 1 too
+
+
+def synthetic_file(scratch_dir, n_pairs, seed, split):
+    """A data.write_synthetic parquet in scratch_dir, written by rank 0, its path shared with every rank.
+
+    split is "train" (RM training) or "eval" (held-out pairs, win-rate prompts): the two never share a prompt."""
+    _, rank, _, _ = dist.get_dist_info()
+    path = None
+    if rank == 0:
+        path = data.write_synthetic(Path(scratch_dir) / f"synthetic_{split}_{n_pairs}_seed{seed}.parquet",
+                                    n_pairs, seed=seed, split=split)
+    if torch_dist.is_initialized():
+        holder = [path]
+        torch_dist.broadcast_object_list(holder, src=0)
+        path = holder[0]
+    return path
+
+
+def read_pairs(flag, source, split, tok, args):
+    """One --data / --val-data source (parquet file, folder, glob or Hub id) -> a data.PairSet; prints how
+    many rows were kept and why the others were dropped."""
+    try:
+        pairs = data.build_pairs(source, tok, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                 template=args.template, split=split)
+    except (ValueError, FileNotFoundError) as e:     # data.DataError, missing files, a Hub id offline
+        raise EvalError(f"{flag}: {e}") from None
+    stats = dict(pairs.stats)
+    dist.print0(f"{flag} {source}: {len(pairs)} pairs kept of {stats.get('rows', 0)} rows ({stats})")
+    if len(pairs) == 0:
+        raise EvalError(f"{flag} {source}: no usable pairs after filtering ({stats})")
+    return pairs
+
+
+def train_and_val_pairs(args, tok):
+    """(train pairs, held-out pairs, where they came from): the held-out pairs are --val-data when given (all of
+    --data then trains), else a seeded --val-frac slice of --data."""
+    scratch = Path(args.out) / "data"
+    source = synthetic_file(scratch, args.synthetic_pairs, 0, "train") if args.data == "synthetic" else args.data
+    pairs = read_pairs("--data", source, args.split, tok, args)
+    origin = {"data": str(source), "data_stats": dict(pairs.stats)}
+    if args.val_data is None:
+        train, val = split_pairs(pairs, args.val_frac, args.seed)
+        dist.print0(f"held out {len(val)} of those pairs for accuracy (--val-frac {args.val_frac})")
+        return train, val, origin
+    val_source = synthetic_file(scratch, SYNTHETIC_VAL_PAIRS, 1, "eval") if args.val_data == "synthetic" \
+        else args.val_data
+    val = read_pairs("--val-data", val_source, args.val_split, tok, args)
+    return list(pairs), list(val), {**origin, "val_data": str(val_source), "val_data_stats": dict(val.stats)}
+
+
+def check_token_ids(pairs, vocab_size, init, tok):
+    """Every token id must index the backbone's embedding; otherwise the lookup fails deep inside training."""
+    top = max(int(max(p.prompt_ids.max(initial=0), p.chosen_ids.max(initial=0), p.rejected_ids.max(initial=0)))
+              for p in pairs)
+    if top >= vocab_size:
+        raise EvalError(f"tokenizer {tok.name!r} produced token id {top}, outside the {vocab_size}-token vocabulary "
+                        f"of --init {init}; pass the tokenizer that model was trained with (--tokenizer)")
 
 
 def split_pairs(pairs, val_frac, seed):
@@ -693,75 +841,102 @@ DEMO_ROOT = "out"         # where the default `python train.py` writes (train.py
 DEMO_INIT_SEED = 42       # train.py's default --seed: the random init of its tiny model
 
 
-def parse_policy(spec):
-    """'NAME=DIR' -> (name, dir); DIR may also be a model.py preset (e.g. tiny) or a Hub repo id."""
-    name, sep, path = spec.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise EvalError(f"--policy {spec!r}: expected NAME=DIR, e.g. --policy orpo=out/final")
-    if not all(ch.isalnum() or ch in "-_." for ch in name):
-        raise EvalError(f"--policy {spec!r}: the name may use letters, digits, '-', '_' and '.' only")
-    if not isinstance(model_lib.PRESETS.get(path), model_lib.ModelConfig):
-        try:                                  # fail now, not after the other policies have been sampled
-            model_lib.resolve_checkpoint(path)
-        except ValueError as e:
-            raise EvalError(f"--policy {spec!r}: {e}") from None
-    return name, path
+def parse_policies(specs):
+    """['NAME=DIR', ...] -> {name: dir}; DIR may also be a model.py preset (e.g. tiny) or a Hub repo id.
+    Only the spelling is checked here; policy_tokenizers finds each checkpoint before anything is loaded."""
+    policies = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise EvalError(f"--policy {spec!r}: expected NAME=DIR, e.g. --policy orpo=out/final")
+        if not all(ch.isalnum() or ch in "-_." for ch in name):
+            raise EvalError(f"--policy {spec!r}: the name may use letters, digits, '-', '_' and '.' only")
+        if name in policies:
+            raise EvalError(f"--policy {spec!r}: the name {name!r} is given twice; give each policy a distinct NAME")
+        policies[name] = path
+    if len(policies) < 2:
+        raise EvalError("--policy: give at least two policies to compare (e.g. --policy orpo=out/final --policy base=tiny)")
+    return policies
+
+
+def check_args(args):
+    """Reject impossible option values in one sentence each, before any data is read or model loaded."""
+    rules = []
+    if args.command in ("train-rm", "winrate"):
+        rules += [("--max-prompt-length", args.max_prompt_length >= 1, "at least 1")]
+        if args.template not in ("auto", "zephyr", "raw") and not Path(args.template).is_file():
+            raise EvalError(f"--template {args.template}: not auto, zephyr, raw or an existing .jinja file")
+    if args.command == "train-rm":
+        rules += [("--steps", args.steps >= 1, "at least 1"),
+                  ("--batch-size", args.batch_size >= 1, "at least 1"),
+                  ("--log-every", args.log_every >= 1, "at least 1"),
+                  ("--lr", args.lr > 0, "positive"),
+                  ("--warmup", args.warmup >= 0, "0 or more"),
+                  ("--synthetic-pairs", args.synthetic_pairs >= 1, "at least 1"),
+                  ("--max-length", args.max_length >= args.max_prompt_length, "at least --max-prompt-length"),
+                  # 0 is allowed: no held-out slice (experiments/paper_cpu.py measures accuracy itself)
+                  ("--val-frac", 0 <= args.val_frac < 1, "in [0, 1)")]
+        if args.val_split is not None and args.val_data is None:
+            raise EvalError("--val-split names a split of --val-data: give --val-data too (it may be the same "
+                            "source as --data)")
+        same = args.val_data != "synthetic" and (args.val_data, args.val_split) == (args.data, args.split)
+        if same:                                  # (synthetic held-out pairs are a separate set: seed 1, split eval)
+            raise EvalError(f"--val-data {args.val_data} is the training data itself (same source and split): "
+                            f"give another split (--val-split) or another source")
+    if args.command == "winrate":
+        rules += [("--n-prompts", args.n_prompts >= 1, "at least 1"),
+                  ("--rounds", args.rounds >= 1, "at least 1"),
+                  ("--max-new-tokens", args.max_new_tokens >= 1, "at least 1"),
+                  ("--batch-size", args.batch_size >= 1, "at least 1"),
+                  ("--temperature", args.temperature >= 0, "0 (greedy) or more"),
+                  ("--top-p", 0 < args.top_p <= 1, "in (0, 1]")]
+        parse_policies(args.policy)
+    for flag, ok, requirement in rules:          # `not ok` also catches nan, for which every comparison is False
+        if not ok:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            raise EvalError(f"{flag} must be {requirement}, got {value}")
 
 
 def cmd_train_rm(args, device):
-    """train-rm: pairs -> held-out split -> eq. 11 training -> saved RM with its held-out accuracy."""
-    _, rank, _, _ = dist.get_dist_info()
-    tok = resolve_tokenizer(args.tokenizer, args.init)
-    source = resolve_data(args.data, Path(args.out) / "data", n_pairs=args.synthetic_pairs, seed=0,
-                          split="train") \
-        if rank == 0 or args.data != "synthetic" else None
-    if args.data == "synthetic" and torch_dist.is_initialized():
-        holder = [source]
-        torch_dist.broadcast_object_list(holder, src=0)      # rank 0 wrote the file; everyone reads it
-        source = holder[0]
-    pairs = data.build_pairs(source, tok, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                             template=args.template, split=args.split)
-    dist.print0(f"pairs: {len(pairs)} kept of {pairs.stats['rows']} rows from {source} ({dict(pairs.stats)})")
-    train, val = split_pairs(pairs, args.val_frac, args.seed)
-    _, result = train_reward_model(train, init=args.init, val_pairs=val, out_dir=args.out, tokenizer=tok,
+    """train-rm: tokenizer -> pairs and held-out pairs -> eq. 11 training -> saved RM with its held-out accuracy."""
+    tok = init_tokenizer(args.tokenizer, args.init, args.data)
+    import train
+    config, _ = train.resolve_model(str(args.init), None)
+    train_pairs, val, origin = train_and_val_pairs(args, tok)
+    check_token_ids(train_pairs + val, config.vocab_size, args.init, tok)
+    _, result = train_reward_model(train_pairs, init=args.init, val_pairs=val, out_dir=args.out, tokenizer=tok,
                                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                                    seed=args.seed, init_seed=args.init_seed, shared_prompt=args.shared_prompt,
                                    device=device, log_every=args.log_every,
-                                   meta={"data": str(source), "data_stats": dict(pairs.stats)})
+                                   meta={**origin, "tokenizer": tok.name})
     dist.print0(f"saved reward model to {args.out} (held-out accuracy {result.get('val_accuracy', float('nan')):.3f})")
     return result
 
 
 def cmd_winrate(args, device):
-    """winrate: sample each policy, score with the RM, print and write the win-rate tables."""
+    """winrate: tokenizers and prompts (cheap, so bad input fails first), then the RM, then sample and score."""
     _, rank, _, _ = dist.get_dist_info()
-    policies = dict(parse_policy(p) for p in args.policy)
-    if len(policies) != len(args.policy):
-        raise EvalError("--policy: two policies have the same name; give each a distinct NAME")
-    if len(policies) < 2:
-        raise EvalError("--policy: give at least two policies to compare (e.g. --policy orpo=out/final --policy base=tiny)")
-    dtype = resolve_dtype(args.dtype, device)
-    rm, meta = load_reward_model(args.rm, dtype=dtype, device=device)
-    tok = resolve_tokenizer(args.tokenizer, args.rm)
+    policies = parse_policies(args.policy)
+    require_rm_dir(args.rm)
+    tok = rm_tokenizer(args.tokenizer, args.rm)
+    policy_toks = policy_tokenizers(policies, tok)
     source = args.data
     if source == "synthetic":            # fresh prompts from a seed the RM and train.py never used
-        source = resolve_data("synthetic", Path(args.out) / "data", n_pairs=args.n_prompts, seed=12345,
-                              split="eval") \
-            if rank == 0 else None
-        if torch_dist.is_initialized():
-            holder = [source]
-            torch_dist.broadcast_object_list(holder, src=0)
-            source = holder[0]
-    elif not Path(source).exists():
-        raise EvalError(f"--data {source}: no such file or directory")
-    prompts, stats = load_prompts(source, tok, n_prompts=args.n_prompts, template=args.template, split=args.split,
-                                  max_prompt_length=args.max_prompt_length)
-    dist.print0(f"prompts: {len(prompts)} from {source} ({dict(stats)})")
+        source = synthetic_file(Path(args.out) / "data", args.n_prompts, 12345, "eval")
+    try:
+        prompts, stats = load_prompts(source, tok, n_prompts=args.n_prompts, template=args.template,
+                                      split=args.split, max_prompt_length=args.max_prompt_length)
+    except (ValueError, FileNotFoundError) as e:     # data.DataError, missing files, a Hub id offline
+        raise EvalError(f"--data: {e}") from None
+    dist.print0(prompts_line(source, prompts, stats))
+    dtype = resolve_dtype(args.dtype, device)
+    rm, meta = load_reward_model(args.rm, dtype=dtype, device=device)
     use_oracle = args.oracle == "on" or (args.oracle == "auto" and is_synthetic(prompts))
-    report = evaluate_policies(rm, policies, prompts, tokenizer=tok, rounds=args.rounds, seed=args.seed,
-                               temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, oracle=data.oracle_correct if use_oracle else None,
-                               init_seed=args.init_seed, dtype=dtype, device=device)
+    report = evaluate_policies(rm, policies, prompts, tokenizer=tok, policy_toks=policy_toks, rounds=args.rounds,
+                               seed=args.seed, temperature=args.temperature, top_p=args.top_p,
+                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                               oracle=data.oracle_correct if use_oracle else None, init_seed=args.init_seed,
+                               dtype=dtype, device=device)
     report["reward_model"] = {"dir": str(args.rm), **{k: meta[k] for k in ("val_accuracy", "init", "steps") if k in meta}}
     report["data"] = {"source": str(source), "stats": dict(stats)}
     if rank == 0:
@@ -793,7 +968,8 @@ def demo_commands(root):
     root = Path(root)
     train_data = root / "data" / "synthetic_train_2000.parquet"    # train.py's default training pairs
     test_data = root / "data" / "synthetic_eval.parquet"           # train.py's held-out pairs (seed 1)
-    train_rm = ["train-rm", "--out", str(root / "rm"), "--data", str(train_data) if train_data.exists() else "synthetic"]
+    train_rm = ["train-rm", "--out", str(root / "rm"), "--data", str(train_data) if train_data.exists() else "synthetic",
+                "--tokenizer", "synthetic"]          # the tokenizer train.py gives its random-init tiny model
     winrate = ["winrate", "--rm", str(root / "rm"), "--policy", f"orpo={root / 'final'}", "--policy", "base=tiny",
                "--data", str(test_data) if test_data.exists() else "synthetic", "--max-new-tokens", "32",
                "--out", str(root / "winrate")]     # synthetic answers are under 10 tokens: 32 leaves room
@@ -826,23 +1002,31 @@ def build_parser():
 
     def common(p):
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-        p.add_argument("--tokenizer", default=None, help="tokenizer dir; default: the RM's / init's, else synthetic")
         p.add_argument("--template", default="auto", help="chat template: auto | zephyr | raw | a .jinja file")
-        p.add_argument("--split", default=None, help="split of --data, when it has several")
+        p.add_argument("--split", default=None, help="split of --data (needed for a Hub id or a folder of several)")
         p.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts are dropped (counted)")
         p.add_argument("--init-seed", type=int, default=DEMO_INIT_SEED,
                        help="seed of a weightless preset (tiny) used as init or policy; 42 = train.py's default")
 
     p = sub.add_parser("train-rm", help="train a reward model with the Bradley-Terry loss (eq. 11)", formatter_class=fmt)
     p.add_argument("--out", required=True, help="directory to save the RM (HF backbone + reward_head/ + reward_model.json)")
-    p.add_argument("--data", default="synthetic", help="preference pairs (parquet file/dir/glob/Hub id) or 'synthetic'")
+    p.add_argument("--data", default="synthetic",
+                   help="preference pairs: parquet file, folder, glob or Hub dataset id (with --split), or 'synthetic'")
     p.add_argument("--synthetic-pairs", type=int, default=2000, help="pairs written when --data synthetic")
     p.add_argument("--init", default="tiny", help="backbone: a checkpoint dir, Hub id or model.py preset")
+    p.add_argument("--tokenizer", default=None,
+                   help="folder, Hub id or 'synthetic'; default: --init's own (a random-init preset such as tiny "
+                        "has none: the synthetic one, for --data synthetic only). Saved with the RM")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per step (per rank)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak lr (1e-3 suits the tiny demo; ~1e-5 for real models)")
     p.add_argument("--warmup", type=int, default=20, help="linear warmup steps, then cosine decay")
-    p.add_argument("--val-frac", type=float, default=0.1, help="fraction of pairs held out for accuracy")
+    p.add_argument("--val-frac", type=float, default=0.1,
+                   help="without --val-data: fraction of --data held out for accuracy (0: none); not used with --val-data")
+    p.add_argument("--val-data", default=None,
+                   help="held-out pairs for the RM's accuracy (same forms as --data, e.g. an HH-RLHF test split); "
+                        "all of --data then trains and --val-frac is not used")
+    p.add_argument("--val-split", default=None, help="split of --val-data (needed for a Hub id or a folder of several)")
     p.add_argument("--max-length", type=int, default=1024, help="max prompt + response tokens (responses truncated)")
     p.add_argument("--shared-prompt", action="store_true",
                    help="pack each pair as [prompt|chosen|rejected] (prompt computed once); same rewards")
@@ -855,11 +1039,15 @@ def build_parser():
     p.add_argument("--rm", required=True, help="reward model directory (from train-rm)")
     p.add_argument("--policy", action="append", default=[], metavar="NAME=DIR",
                    help="a policy to compare (repeat; at least two): checkpoint dir, Hub id or preset (tiny)")
-    p.add_argument("--data", default="synthetic", help="test prompts: preference data (prompts only) or 'synthetic'")
-    p.add_argument("--n-prompts", type=int, default=200, help="use the first N prompts")
+    p.add_argument("--data", default="synthetic",
+                   help="test prompts: preference data as for train-rm (prompts only; --split) or 'synthetic'")
+    p.add_argument("--tokenizer", default=None,
+                   help="the RM's tokenizer; default: the one saved in --rm. Each policy reads prompts with its own "
+                        "checkpoint's tokenizer (a random-init preset such as tiny: the RM's)")
+    p.add_argument("--n-prompts", type=int, default=200, help="use the first N usable prompts")
     p.add_argument("--rounds", type=int, default=3, help="sampling rounds with different seeds (mean ± std)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0); 0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold, in (0, 1]")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest sampled answer")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate() call")
     p.add_argument("--seed", type=int, default=0, help="base sampling seed (round r of policy p: derived from it)")
@@ -882,11 +1070,8 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv or ["demo"])
-    for key in ("rounds", "n_prompts", "steps", "batch_size", "max_new_tokens"):
-        if getattr(args, key, 1) < 1:
-            print(f"error: --{key.replace('_', '-')} must be at least 1", file=sys.stderr)
-            return 2
     try:
+        check_args(args)
         device = dist.compute_init(args.device)
         args.func(args, device)
     except (ValueError, FileNotFoundError) as e:  # EvalError, data.DataError, model.CheckpointError, ...

@@ -197,7 +197,7 @@ def test_report_files_exist_and_parse(setup, tmp_path):
     (["winrate", "--rm", "RM", "--policy", "a=POLICY", "--policy", "b=/no/such/dir", "--out", "X"], "/no/such/dir"),
     (["winrate", "--rm", "/no/such/rm", "--policy", "a=POLICY", "--policy", "b=tiny", "--out", "X"], "not a reward model"),
     (["winrate", "--rm", "RM", "--policy", "a=POLICY", "--policy", "b=tiny", "--data", "/no/data.parquet", "--out", "X"],
-     "no such file"),
+     "--data: "),
     (["demo", "--root", "/no/such/out"], "run `python train.py` first"),
 ])
 def test_cli_errors_are_one_line(setup, tmp_path, capsys, argv, message):
@@ -230,3 +230,232 @@ def test_sharded_evaluation_matches_one_process(setup, tmp_path):
     assert [s["answer_ids"] for s in one] == [s["answer_ids"] for s in two]
     assert [s["reward"] for s in one] == [s["reward"] for s in two]
     assert one_report["rm"] == two_report["rm"] and one_report["oracle"] == two_report["oracle"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizers: each model reads text with its own, never a silent synthetic fallback
+
+
+def permuted_tokenizer(perm):
+    """data.synthetic_tokenizer with every token id i renumbered perm[i]: the same text, another vocabulary."""
+    spec = json.loads(data.synthetic_tokenizer().tokenizer.to_str())
+    spec["model"]["vocab"] = {t: int(perm[i]) for t, i in spec["model"]["vocab"].items()}
+    for added in spec["added_tokens"]:
+        added["id"] = int(perm[added["id"]])
+    for special in spec["post_processor"]["special_tokens"].values():
+        special["ids"] = [int(perm[i]) for i in special["ids"]]
+    from tokenizers import Tokenizer
+    return data.Tok(Tokenizer.from_str(json.dumps(spec)), bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                    unk_token="<unk>", chat_template=data.ZEPHYR_TEMPLATE, name="permuted")
+
+
+def permuted_checkpoint(src_dir, out_dir, perm):
+    """The model in src_dir with its (tied) embedding rows renumbered by perm, saved with permuted_tokenizer(perm):
+    on text it computes exactly what the original computes, through other token ids."""
+    model = model_lib.Transformer.from_pretrained(str(src_dir))
+    with torch.no_grad():
+        old = model.tok_embeddings.weight[:len(perm)].clone()
+        model.tok_embeddings.weight[torch.as_tensor(perm)] = old
+    model.save_pretrained(out_dir)
+    permuted_tokenizer(perm).save(out_dir)
+    return out_dir
+
+
+PERM = np.random.default_rng(7).permutation(data.synthetic_tokenizer().vocab_size)
+
+
+def fake_hub_cache(monkeypatch, root, kind, repo_id):
+    """An offline Hugging Face cache holding one snapshot of repo_id (kind "model" or "dataset"), laid out as
+    snapshot_download leaves it; returns the snapshot folder to fill."""
+    import huggingface_hub.constants as hf
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    folder = root / f"{kind}s--{repo_id.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    snapshot = folder / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def test_permuted_tokenizer_is_another_vocabulary():
+    """The helper behind the two tests below: same text, ids renumbered, so a test that mixes them up can fail."""
+    tok, other = data.synthetic_tokenizer(), permuted_tokenizer(PERM)
+    ids = tok.encode("<|user|>\nWhat is 3 + 4?</s>")
+    assert other.encode("<|user|>\nWhat is 3 + 4?</s>") == [int(PERM[i]) for i in ids] != ids
+    assert other.decode(other.encode("abc xyz"), skip_special_tokens=True) == "abc xyz" and other.eos_id == PERM[tok.eos_id]
+
+
+def train_rm_argv(tmp_path, *extra):
+    """A train-rm command line small enough for a test: tiny RM, 2 steps of 4 pairs."""
+    return ["train-rm", "--out", str(tmp_path / "rm"), "--steps", "2", "--batch-size", "4", "--warmup", "1",
+            "--log-every", "1", "--device", "cpu", *extra]
+
+
+def test_train_rm_takes_the_tokenizer_of_a_preset_checkpoint(setup, tmp_path, monkeypatch):
+    """--init opt-350m resolves, as the model does, to the Hub repo facebook/opt-350m (here a fake offline cache
+    holding a small model and a non-synthetic tokenizer); that tokenizer reads the data and is saved with the RM
+    (it used to be data.py's 103-token synthetic one)."""
+    snapshot = fake_hub_cache(monkeypatch, tmp_path / "hub", "model", "facebook/opt-350m")
+    permuted_checkpoint(setup["policy_dir"], snapshot, PERM)
+    assert eval_rm.main(train_rm_argv(tmp_path, "--init", "opt-350m", "--data", str(setup["parquet"]))) == 0
+    saved = data.load_tokenizer(tmp_path / "rm")
+    assert saved.encode("What is 3 + 4?") == permuted_tokenizer(PERM).encode("What is 3 + 4?")
+    assert json.loads((tmp_path / "rm" / "reward_model.json").read_text())["tokenizer"] == str(snapshot)
+
+
+def test_policies_read_prompts_with_their_own_tokenizer(setup, tmp_path):
+    """Policy b is policy a with its vocabulary renumbered (model and tokenizer together): on text they are the
+    same function, so greedy answers must be the same text and every comparison an exact tie. Feeding b the
+    RM's token ids, as a single shared tokenizer would, makes b answer something else."""
+    torch.manual_seed(1)
+    a = model_lib.Transformer(small_config())
+    for weight in (p for p in a.parameters() if p.dim() == 2):   # at the usual std 0.02, greedy answers are
+        torch.nn.init.normal_(weight, std=0.2)                       # "\n\n\n..." whatever the prompt
+    a.save_pretrained(tmp_path / "a")
+    setup["tok"].save(tmp_path / "a")
+    b_dir = permuted_checkpoint(tmp_path / "a", tmp_path / "b", PERM)
+    policies = {"a": str(tmp_path / "a"), "b": str(b_dir)}
+    report = eval_rm.evaluate_policies(setup["rm"], policies, setup["prompts"][:8], tokenizer=setup["tok"],
+                                       rounds=1, temperature=0.0, max_new_tokens=8, oracle=data.oracle_correct)
+    by_policy = {p: [s for s in report["samples"] if s["policy"] == p] for p in "ab"}
+    assert [s["answer"] for s in by_policy["a"]] == [s["answer"] for s in by_policy["b"]]
+    assert len({s["answer"] for s in by_policy["a"]}) > 2                # answers depend on the prompt
+    assert [s["answer_ids"] for s in by_policy["a"]] != [s["answer_ids"] for s in by_policy["b"]]
+    assert report["rm"]["a"]["b"]["per_round"] == [0.5]
+    assert report["policies"]["b"]["tokenizer"] == str(b_dir)                # b's own, not the RM's
+
+
+def test_real_tokenizer_and_val_data_on_hh_rlhf(shared_data, tmp_path):
+    """A real checkpoint (stories260K, Llama tokenizer of 512 pieces) reads real HH-RLHF pairs with its own
+    tokenizer, and --val-data measures the held-out accuracy on another file while all of --data trains."""
+    import pyarrow.parquet as pq
+    table = pq.read_table(shared_data / "hh-rlhf-harmless-test.parquet").slice(0, 90)
+    pq.write_table(table.slice(0, 60), tmp_path / "hh_train.parquet")
+    pq.write_table(table.slice(60, 30), tmp_path / "hh_val.parquet")
+    stories = shared_data / "models" / "stories260K"
+    argv = train_rm_argv(tmp_path, "--init", str(stories), "--data", str(tmp_path / "hh_train.parquet"),
+                         "--val-data", str(tmp_path / "hh_val.parquet"), "--max-length", "256",
+                         "--max-prompt-length", "192", "--lr", "1e-4")
+    assert eval_rm.main(argv) == 0
+    meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
+    tok = data.load_tokenizer(stories)
+    kw = dict(max_length=256, max_prompt_length=192)
+    assert meta["train_pairs"] == len(data.build_pairs(tmp_path / "hh_train.parquet", tok, **kw))   # no slice held out
+    assert meta["val_pairs"] == len(data.build_pairs(tmp_path / "hh_val.parquet", tok, **kw)) > 0
+    assert meta["val_data"] == str(tmp_path / "hh_val.parquet")
+    assert data.load_tokenizer(tmp_path / "rm").vocab_size == 512 == tok.vocab_size
+
+
+def test_random_init_policy_cannot_borrow_a_larger_tokenizer(setup, shared_data, tmp_path, capsys, no_model_loads):
+    """--tokenizer llama2 for the RM: a random-init tiny policy (512 ids) cannot read its 32000 pieces."""
+    argv = ["winrate", "--rm", str(setup["rm_dir"]), "--tokenizer", str(shared_data / "tokenizers" / "llama2"),
+            "--policy", f"a={setup['policy_dir']}", "--policy", "b=tiny", "--out", str(tmp_path), "--device", "cpu"]
+    assert eval_rm.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --policy b=tiny: its 512-token vocabulary") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --data forms, --val-data, and bad options caught before any model is loaded
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if a model is built or loaded: option errors must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad option was reported")
+    for name in ("build_reward_model", "load_reward_model", "load_policy"):
+        monkeypatch.setattr(eval_rm, name, refuse)
+    monkeypatch.setattr(model_lib.Transformer, "from_pretrained", refuse)
+
+
+def test_data_accepts_a_glob_and_a_hub_dataset_id(setup, tmp_path, monkeypatch):
+    """train-rm --data takes a glob; winrate --data a Hub dataset id with --split (a fake offline cache here).
+    Both used to fail with "no such file or directory"."""
+    for part, seed in (("a", 5), ("b", 6)):
+        data.write_synthetic(tmp_path / f"pairs_{part}.parquet", 20, seed=seed, split="train")
+    glob = str(tmp_path / "pairs_*.parquet")
+    assert eval_rm.main(train_rm_argv(tmp_path, "--data", glob, "--tokenizer", "synthetic")) == 0
+    meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
+    assert meta["data"] == glob and meta["train_pairs"] + meta["val_pairs"] == 40
+
+    snapshot = fake_hub_cache(monkeypatch, tmp_path / "hub", "dataset", "someone/pairs")
+    (snapshot / "data").mkdir()
+    data.write_synthetic(snapshot / "data" / "test-00000-of-00001.parquet", 10, seed=8, split="eval")
+    data.write_synthetic(snapshot / "data" / "train-00000-of-00001.parquet", 10, seed=9, split="train")
+    out = tmp_path / "winrate"
+    argv = ["winrate", "--rm", str(setup["rm_dir"]), "--policy", f"a={setup['policy_dir']}", "--policy", "b=tiny",
+            "--data", "someone/pairs", "--split", "test", "--n-prompts", "3", "--rounds", "1",
+            "--max-new-tokens", "2", "--out", str(out), "--device", "cpu"]
+    assert eval_rm.main(argv) == 0
+    prompts = {json.loads(line)["prompt"] for line in (out / "samples.jsonl").read_text().splitlines()}
+    test_prompts = {p["text"] for p in eval_rm.load_prompts(snapshot / "data" / "test-00000-of-00001.parquet",
+                                                            setup["tok"], n_prompts=3)[0]}
+    assert prompts == test_prompts
+
+
+def test_val_data_replaces_the_val_frac_slice(tmp_path):
+    """--val-data: every --data pair trains, the held-out accuracy is measured on --val-data's pairs."""
+    val = data.write_synthetic(tmp_path / "val.parquet", 24, seed=1, split="eval")
+    argv = train_rm_argv(tmp_path, "--data", "synthetic", "--synthetic-pairs", "30", "--val-data", str(val),
+                         "--val-frac", "0.5")
+    assert eval_rm.main(argv) == 0
+    meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
+    assert meta["train_pairs"] == 30 and meta["val_pairs"] == 24 and meta["val_data"] == str(val)
+    # synthetic held-out pairs are their own set (seed 1, split "eval"), not the training pairs again
+    eval_rm.check_args(eval_rm.build_parser().parse_args(["train-rm", "--out", "x", "--val-data", "synthetic"]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train-rm", "--log-every", "0"], "--log-every must be at least 1, got 0"),
+    (["train-rm", "--steps", "0"], "--steps must be at least 1"),
+    (["train-rm", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["train-rm", "--lr", "0"], "--lr must be positive"),
+    (["train-rm", "--lr", "nan"], "--lr must be positive, got nan"),
+    (["train-rm", "--val-frac", "1"], "--val-frac must be in [0, 1)"),
+    (["train-rm", "--val-frac", "-0.1"], "--val-frac must be in [0, 1)"),
+    (["train-rm", "--val-split", "test"], "--val-split names a split of --val-data"),
+    (["train-rm", "--data", "PARQUET", "--val-data", "PARQUET"], "is the training data itself"),
+    (["train-rm", "--data", "PARQUET"], "--init tiny is a random-init preset with no tokenizer"),
+    (["train-rm", "--data", "/no/such.parquet", "--tokenizer", "synthetic"], "--data: "),
+    (["train-rm", "--init", "/no/such/dir"], "--init /no/such/dir: "),
+    (["winrate", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["winrate", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["winrate", "--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
+    (["winrate", "--n-prompts", "0"], "--n-prompts must be at least 1"),
+    (["winrate", "--rounds", "0"], "--rounds must be at least 1"),
+    (["winrate", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["winrate", "--policy", "a=tiny"], "is given twice"),
+    (["winrate", "--rm", "BARE_RM"], "has no tokenizer.json (train-rm saves"),
+    (["winrate", "--policy", "c=BARE_POLICY"], "has no tokenizer.json, so how this model reads text is unknown"),
+])
+def test_bad_options_fail_in_one_line_before_loading(setup, tmp_path, capsys, no_model_loads, argv, message):
+    bare_rm, bare_policy = tmp_path / "bare_rm", tmp_path / "bare_policy"
+    eval_rm.save_reward_model(setup["rm"], bare_rm)                       # no tokenizer saved
+    model_lib.Transformer(small_config()).save_pretrained(bare_policy)
+    subs = {"PARQUET": str(setup["parquet"]), "BARE_RM": str(bare_rm), "BARE_POLICY": str(bare_policy)}
+    argv = [subs.get(a, a.replace("BARE_POLICY", str(bare_policy))) for a in argv]
+    if argv[0] == "train-rm":
+        argv += ["--out", str(tmp_path / "rm")]
+    else:
+        rm = [] if "--rm" in argv else ["--rm", str(setup["rm_dir"])]
+        argv += rm + ["--policy", f"a={setup['policy_dir']}", "--policy", "b=tiny", "--out", str(tmp_path / "wr")]
+    assert eval_rm.main(argv + ["--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_load_prompts_reads_on_past_unusable_rows(tmp_path):
+    """n_prompts counts usable prompts, not rows: skipped rows are counted, and the log line says why."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [("x" * 300, "a", "b")] * 3 + [(f"What is {i} + 1?", "a", "b") for i in range(5)]
+    pq.write_table(pa.table({k: [r[j] for r in rows] for j, k in enumerate(("prompt", "chosen", "rejected"))}),
+                   tmp_path / "p.parquet")
+    prompts, stats = eval_rm.load_prompts(tmp_path / "p.parquet", data.synthetic_tokenizer(), n_prompts=4,
+                                          max_prompt_length=100)
+    assert [p["text"] for p in prompts] == [f"What is {i} + 1?" for i in range(4)]
+    assert stats["rows"] == 7 and stats["dropped/prompt_too_long"] == 3
+    line = eval_rm.prompts_line(tmp_path / "p.parquet", prompts, stats)
+    assert "4 usable from the first 7 rows" in line and "3 skipped: prompt_too_long 3" in line
