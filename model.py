@@ -11,8 +11,8 @@ Reading order:
 
 The packed batch (data.PackedBatch): N tokens in one flat stream, S segments,
 seg_lens[s] = (shared_len, chosen_len, rejected_len). A token attends to earlier tokens of its own
-segment, and a rejected token never sees a chosen one (issue 9: the prompt is computed once and
-shared by both answers). Rejected positions restart at the end of the prompt, so every chosen and
+segment, and a rejected token never sees a chosen one (the prompt is computed once and shared by
+both answers). Rejected positions restart at the end of the prompt, so every chosen and
 rejected token sees exactly what it would see in its own [prompt | answer] sequence.
 
 No transformers at run time: the tests check logits against transformers to 1e-4 in float32.

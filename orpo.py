@@ -40,8 +40,9 @@ def average_logps(logits, labels, ignore_index=-100):
     A row with no labelled token gets NaN, since its average is undefined.
     """
     logits, labels = logits[:, :-1], labels[:, 1:]                      # (B, T-1, V), (B, T-1)
-    # cross_entropy computes log_softmax in float32 without keeping a (B, T, V) copy of it; ignored
-    # positions come back as 0
+    # cross_entropy = log_softmax + gather in one call, in float32 (bf16 log-probs would round away the
+    # differences eq. 6 is about); autograd keeps one float32 (B, V, T-1) log-softmax for the backward,
+    # which model.token_logps avoids by chunking. Ignored positions come back as 0
     token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels,
                                    ignore_index=ignore_index, reduction="none")  # (B, T-1)
     n_tokens = (labels != ignore_index).sum(-1)                          # (B,)
