@@ -75,7 +75,8 @@ class ModelConfig:
     positions: str = "rope"          # rope | learned (OPT; table indexed with position + 2)
     rope_theta: float = 10000.0
     rotary_fraction: float = 1.0     # Phi rotates only the first 40% of each head's dims
-    rope_scaling: float | None = None  # "linear" scaling factor (positions are divided by it); None = off
+    rope_scaling: dict | None = None # None = plain RoPE; else HF's scaling keys (see _ROPE_SCALING_KEYS), e.g.
+                                     # {"rope_type": "linear", "factor": 2.0}
     learned_pos_offset: int = 2      # OPT reserves the first two rows of its position table
     embed_dim: int | None = None     # OPT's word_embed_proj_dim: != dim adds project_in / project_out
     sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` positions only
@@ -108,6 +109,8 @@ class ModelConfig:
                 raise ModelConfigError(f"ModelConfig.{name}={value!r} is not one of {allowed}")
         if self.rotary_dim % 2:
             raise ModelConfigError(f"rotary dims {self.rotary_dim} (head_dim * rotary_fraction) must be even")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
 
     @property
     def rotary_dim(self) -> int:
@@ -143,19 +146,51 @@ def _need(hf: dict, key: str):
     return hf[key]
 
 
+# The rope scaling types we implement, and the keys each one reads (as transformers names them).
+# "dynamic" (NTK) is not here: its frequencies depend on the longest sequence seen at run time.
+_ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _check_rope_scaling(scaling: dict):
+    rope_type = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if rope_type not in _ROPE_SCALING_KEYS:
+        raise ModelConfigError(f"ModelConfig.rope_scaling={scaling!r}: want None or a dict whose rope_type is one of "
+                               f"{sorted(_ROPE_SCALING_KEYS)}")
+    want = {"rope_type", *_ROPE_SCALING_KEYS[rope_type]}
+    if set(scaling) != want:
+        raise ModelConfigError(f"ModelConfig.rope_scaling={scaling!r}: {rope_type!r} takes exactly the keys "
+                               f"{sorted(want)}")
+
+
 def _read_rope(hf: dict, default_fraction: float) -> dict:
     """theta, rotary fraction and scaling from either config layout."""
     params = dict(hf.get("rope_parameters") or {})     # transformers 5
     scaling = hf.get("rope_scaling") or params          # old layout keeps scaling separate
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        raise ModelConfigError(f"config.json asks for rope scaling type {rope_type!r}; only 'default' and 'linear' "
-                               f"are implemented")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))   # older configs say "type"
+    if rope_type != "default" and rope_type not in _ROPE_SCALING_KEYS:
+        raise ModelConfigError(f"config.json asks for rope scaling type {rope_type!r}; implemented: "
+                               f"{['default', *_ROPE_SCALING_KEYS]}")
+    rope_scaling = None
+    if rope_type != "default":
+        scaling = dict(scaling)
+        if rope_type == "llama3":   # as transformers: a top-level value wins, then the dict's, then the model's max
+            scaling["original_max_position_embeddings"] = (hf.get("original_max_position_embeddings")
+                                                           or scaling.get("original_max_position_embeddings")
+                                                           or hf.get("max_position_embeddings", 2048))
+        keys = _ROPE_SCALING_KEYS[rope_type]
+        missing = [k for k in keys if scaling.get(k) is None]
+        if missing:
+            raise ModelConfigError(f"config.json rope scaling type {rope_type!r} has no {missing}")
+        rope_scaling = {"rope_type": rope_type,   # lengths are ints, factors floats
+                        **{k: (int if k.startswith("original") else float)(scaling[k]) for k in keys}}
     return dict(
         rope_theta=float(params.get("rope_theta", hf.get("rope_theta") or 10000.0)),
         rotary_fraction=float(params.get("partial_rotary_factor",
                                          hf.get("partial_rotary_factor") or default_fraction)),
-        rope_scaling=float(scaling["factor"]) if rope_type == "linear" else None,
+        rope_scaling=rope_scaling,
     )
 
 
@@ -223,7 +258,7 @@ def _common_to_hf(c: ModelConfig, arch: str) -> dict:
 def _rope_to_hf(c: ModelConfig, with_fraction: bool) -> dict:
     rope = {"rope_type": "default", "rope_theta": c.rope_theta}
     if c.rope_scaling is not None:
-        rope.update(rope_type="linear", factor=c.rope_scaling)
+        rope.update(c.rope_scaling)     # rope_type and its keys, named as transformers names them
     if with_fraction:
         rope["partial_rotary_factor"] = c.rotary_fraction
     return {"rope_parameters": rope}
@@ -640,15 +675,32 @@ def dense_causal_layout(T: int, window: int | None, device) -> Layout:
 # 3. The model
 
 
+def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
+    """(rotary_dim / 2,) float32 rotation speeds theta^(-2i / rotary_dim), after rope scaling. The same
+    float32 operations, in the same order, as transformers' rope init functions (equal on CPU; tested)."""
+    d = config.rotary_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":           # every frequency slowed by the factor = positions divided by it
+        return inv_freq / s["factor"]
+    # "llama3" (Llama 3.1+): slow down only the dims whose wavelength is long compared with the pretraining
+    # context L. Wavelengths under L / high_freq_factor turn many times within L and are kept; those over
+    # L / low_freq_factor are slowed by `factor` (as linear does); in between, a linear blend in L / wavelength.
+    L = s["original_max_position_embeddings"]
+    low, high = s["low_freq_factor"], s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (L / wavelen - low) / (high - low)                           # 0 at L / low, 1 at L / high
+    blended = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    return torch.where(wavelen < L / high, inv_freq,
+                       torch.where(wavelen > L / low, inv_freq / s["factor"], blended))
+
+
 def rope_cos_sin(config: ModelConfig, position_ids: torch.Tensor):
     """Rotary tables for the given positions, (*P, rotary_dim / 2) each, float32 (as HF computes them)."""
-    half = config.rotary_dim // 2
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, half, device=position_ids.device,
-                                                        dtype=torch.float32) * 2 / config.rotary_dim)
-    pos = position_ids.float()
-    if config.rope_scaling is not None:   # "linear" scaling: stretch positions by the factor
-        pos = pos / config.rope_scaling
-    angles = pos[..., None] * inv_freq                                        # (*P, half)
+    inv_freq = rope_inv_freq(config, position_ids.device)                    # (half,)
+    angles = position_ids.float()[..., None] * inv_freq                       # (*P, half)
     return angles.cos(), angles.sin()
 
 

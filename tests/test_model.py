@@ -1,5 +1,6 @@
 """model.py: logits parity with transformers (both directions), packed and shared-prompt layouts,
 chunked log-probs, generation, loading errors. Tiny random configs; transformers is a test-only reference."""
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -33,6 +34,15 @@ HF_CONFIGS = {
                                                 tie_word_embeddings=True, mlp_bias=True,
                                                 rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
                                                                  "factor": 2.0})),
+    # Llama 3.1's rope, shrunk: head_dim 8 at theta 1e4 has wavelengths 2pi * (1, 10, 100, 1000); with a pretraining
+    # context of 64 and the real low/high factors (1, 4) the first dim is kept (< 64 / 4), the second blended,
+    # the last two slowed by 8 (> 64 / 1). Llama 3.2-style tied embeddings and GQA.
+    "llama3-rope": ("LlamaConfig", dict(BASE, max_position_embeddings=256, intermediate_size=48,
+                                         num_key_value_heads=2, tie_word_embeddings=True,
+                                         rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                                          "factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 64})),
     "mistral-window": ("MistralConfig", dict(BASE, intermediate_size=48, num_key_value_heads=1, sliding_window=5,
                                              tie_word_embeddings=False)),
     "opt-postln-proj": ("OPTConfig", dict(BASE, ffn_dim=40, word_embed_proj_dim=24, do_layer_norm_before=False,
@@ -105,9 +115,67 @@ def test_old_config_layout(hf_dirs, tmp_path):
                  "num_attention_heads": 2, "intermediate_size": 8, "rope_theta": 1e6,
                  "rope_scaling": {"type": "linear", "factor": 4.0}}
     c = M.ModelConfig.from_hf(old_llama)
-    assert (c.rope_theta, c.rope_scaling, c.head_dim) == (1e6, 4.0, 4)
+    assert (c.rope_theta, c.rope_scaling, c.head_dim) == (1e6, {"rope_type": "linear", "factor": 4.0}, 4)
     with pytest.raises(M.ModelConfigError, match="yarn"):
         M.ModelConfig.from_hf(dict(old_llama, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+
+
+def hf_inv_freq(hf):
+    return next(b for n, b in hf.named_buffers() if n.endswith("rotary_emb.inv_freq"))
+
+
+@pytest.mark.parametrize("kind", [k for k in HF_CONFIGS if not k.startswith("opt")])
+def test_rope_inv_freq_equals_transformers(kind, hf_dirs):
+    """Default, linear, partial (Phi) and llama3 rope: our frequencies are transformers' own, bit for bit."""
+    d, _ = hf_dirs[kind]
+    assert torch.equal(M.rope_inv_freq(M.load_config(d)), hf_inv_freq(make_hf(kind)))
+
+
+def test_llama3_rope(hf_dirs, tmp_path):
+    d, ref = hf_dirs["llama3-rope"]
+    c = M.load_config(d)
+    assert c.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 64}
+    assert (c.rope_theta, c.n_kv_heads, c.tie_embeddings) == (10000.0, 2, True)
+    # the tiny config exercises all three regimes: kept, blended, slowed by the factor
+    plain, scaled = M.rope_inv_freq(dataclasses.replace(c, rope_scaling=None)), M.rope_inv_freq(c)
+    assert scaled[0] == plain[0]
+    assert plain[1] / 8 < scaled[1] < plain[1]
+    torch.testing.assert_close(scaled[2:], plain[2:] / 8, rtol=0, atol=0)
+    # ... and it moves the logits far beyond the parity tolerance (1e-4), so plain rope cannot pass that test
+    ours = M.Transformer.from_pretrained(str(d))
+    ours.config.rope_scaling = None
+    with torch.no_grad():
+        assert (ours(ids()) - ref).abs().max() > 1e-3
+
+    # pre-transformers-5 layout (as on the Hub): top-level rope_theta and rope_scaling, "rope_type" or "type"
+    cfg = json.loads((d / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type", "type")}
+    for f in d.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    for type_key in ("rope_type", "type"):
+        old = dict(cfg, rope_theta=rope["rope_theta"], rope_scaling={type_key: "llama3", **scaling})
+        assert M.ModelConfig.from_hf(old) == c
+        (tmp_path / "config.json").write_text(json.dumps(old))
+        with torch.no_grad():
+            torch.testing.assert_close(M.Transformer.from_pretrained(str(tmp_path))(ids()), ref,
+                                       atol=1e-4, rtol=1e-4)
+    # like transformers: without original_max_position_embeddings, max_position_embeddings is the original
+    del old["rope_scaling"]["original_max_position_embeddings"]
+    assert M.ModelConfig.from_hf(old).rope_scaling["original_max_position_embeddings"] == 256
+
+    # types still unsupported fail naming the type and the file; malformed ModelConfigs fail too
+    (tmp_path / "config.json").write_text(json.dumps(dict(old, rope_scaling={"type": "dynamic", "factor": 2.0})))
+    with pytest.raises(M.ModelConfigError, match=r"config\.json.*'dynamic'") as e:
+        M.Transformer.from_pretrained(str(tmp_path))
+    assert str(tmp_path / "config.json") in str(e.value)
+    with pytest.raises(M.ModelConfigError, match="low_freq_factor"):
+        M.ModelConfig.from_hf(dict(old, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+    with pytest.raises(M.ModelConfigError, match="rope_scaling"):
+        dataclasses.replace(c, rope_scaling=2.0)
+    with pytest.raises(M.ModelConfigError, match="high_freq_factor"):
+        dataclasses.replace(c, rope_scaling={"rope_type": "llama3", "factor": 8.0})
 
 
 # --- packed layouts ------------------------------------------------------------------------------
