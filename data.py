@@ -1032,6 +1032,16 @@ def synthetic_tokenizer():
 # -----------------------------------------------------------------------------
 # Command line: counts, length percentiles, padding compute, examples with spans marked
 
+def stats_line(stats: dict) -> str:
+    """The filter counts in one line: 'kept 2,308 of 2,312 rows; dropped: empty_response 4; truncated: ...'."""
+    parts = [f"kept {stats.get('kept', 0):,} of {stats.get('rows', 0):,} rows"]
+    for kind in ("dropped", "truncated", "note"):
+        items = [f"{k.split('/', 1)[1]} {v:,}" for k, v in sorted(stats.items()) if k.startswith(kind + "/") and v]
+        if items:
+            parts.append(f"{kind}: " + ", ".join(items))
+    return "; ".join(parts)
+
+
 def format_stats(pairs, max_length):
     """The report printed by --stats."""
     s = pairs.stats

@@ -793,9 +793,9 @@ def read_pairs(flag, source, split, tok, args):
     except (ValueError, FileNotFoundError) as e:     # data.DataError, missing files, a Hub id offline
         raise EvalError(f"{flag}: {e}") from None
     stats = dict(pairs.stats)
-    dist.print0(f"{flag} {source}: {len(pairs)} pairs kept of {stats.get('rows', 0)} rows ({stats})")
+    dist.print0(f"{flag} {source}: {data.stats_line(stats)}")
     if len(pairs) == 0:
-        raise EvalError(f"{flag} {source}: no usable pairs after filtering ({stats})")
+        raise EvalError(f"{flag} {source}: no usable pairs after filtering ({data.stats_line(stats)})")
     return pairs
 
 

@@ -325,8 +325,9 @@ def hold_out(pairs, fraction: float, seed: int):
 
 
 def report_stats(name, source, pairs) -> None:
+    import data as data_lib
     stats = getattr(pairs, "stats", None)
-    print0(f"{name}: {len(pairs)} pairs from {source}" + (f" ({stats})" if stats else ""))
+    print0(f"{name}: {len(pairs)} pairs from {source}" + (f" ({data_lib.stats_line(stats)})" if stats else ""))
 
 
 def make_batchers(args, train_pairs, eval_pairs, rank: int, world_size: int):

@@ -34,7 +34,11 @@ answer format but not the tasks (every policy, SFT included, sampled a right ans
 prompts), so the oracle could tell the policies apart on nothing. The base budget was raised once, for
 that reason, before the reported run; the policies' settings were not changed. A later run found that 109
 of the 200 held-out prompts also occurred in training (the word tasks use 24 words); the sets were then
-made prompt-disjoint (data.synthetic_split) and the experiment rerun, with no other change.
+made prompt-disjoint (data.synthetic_split) and the experiment rerun, with no other change. It was rerun
+once more, with no change to this script, after train.py's schedules were made to equal transformers'
+(warmup now starts from lr 0) and eval_rm.py's tokenizer handling was fixed; the reported numbers are that
+run's. The earlier run had Fig. 7 only partly reproduced at lambda 1.0 and every RM win rate within one std
+of 0.5; this one differs within what one seed can show, which is why no claim rests on one row.
 
 Everything heavy is done by the project's own files (train.py, eval_rm.py, data.py); this script only
 chooses the settings, runs them, reads their metrics.jsonl, and plots.
