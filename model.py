@@ -20,6 +20,7 @@ No transformers at run time: the tests check logits against transformers to 1e-4
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -227,6 +228,9 @@ def _llama_from_hf(hf: dict) -> ModelConfig:
 def _phi_from_hf(hf: dict) -> ModelConfig:
     if hf.get("qk_layernorm"):
         raise ModelConfigError("phi config.json has qk_layernorm=true, which is not supported")
+    if _act(hf, "hidden_act", "gelu_new") == "swiglu":   # Phi's MLP has no gate: fc2(silu(fc1 x)) is not SwiGLU
+        raise ModelConfigError(f"phi config.json hidden_act={hf.get('hidden_act')!r} (an ungated SiLU MLP) "
+                               f"is not supported")
     return ModelConfig(family="phi", **_common_from_hf(hf), n_kv_heads=hf.get("num_key_value_heads"),
                        ffn_dim=_need(hf, "intermediate_size"), norm="layernorm",
                        norm_eps=hf.get("layer_norm_eps", 1e-5), parallel_residual=True,
@@ -855,6 +859,10 @@ class Transformer(nn.Module):
         if self.project_in is not None:
             x = self.project_in(x)
         if self.pos_embeddings is not None:
+            # a learned table has max_seq_len rows to index (an index past it is a CUDA device assert)
+            if int(position_ids.max()) >= c.max_seq_len:
+                raise ValueError(f"position {int(position_ids.max())} is past the {c.max_seq_len} learned positions "
+                                 f"of this {c.family} model: sequences may be at most {c.max_seq_len} tokens long")
             x = x + self.pos_embeddings(position_ids + c.learned_pos_offset)
         rope = rope_cos_sin(c, position_ids) if c.positions == "rope" else None  # once, for all blocks
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -907,6 +915,9 @@ class Transformer(nn.Module):
         count only its real tokens, so every row computes exactly what it would compute alone."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs a non-empty list of non-empty prompts")
+        if not (0.0 < top_p <= 1.0) or temperature < 0:
+            raise ValueError(f"generate() needs 0 < top_p <= 1 and temperature >= 0, got top_p={top_p}, "
+                             f"temperature={temperature}")
         c, device = self.config, self.tok_embeddings.weight.device
         B, T0 = len(prompts), max(len(p) for p in prompts)
         T_max = T0 + max_new_tokens
@@ -987,7 +998,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
-        # drop a token when the tokens strictly more likely than it already reach top_p (always keep the first)
+        # drop a token when the tokens strictly more likely than it already reach top_p (the first is
+        # always kept, as top_p > 0)
         sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -1052,7 +1064,8 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
 
 _ALLOW = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "tokenizer.model", "*.safetensors", "model.safetensors.index.json"]
+          "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",   # GPT-2-style BPE (OPT)
+          "*.safetensors", "model.safetensors.index.json"]
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -1068,7 +1081,12 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         raise CheckpointError(f"preset {name_or_path!r} is a random-init config, not a checkpoint "
                               f"on disk or on the Hub")
     repo_id = preset
-    if str(name_or_path).startswith((".", "/", "~")) or repo_id.count("/") != 1:
+    looks_like_path = str(name_or_path).startswith((".", "/", "~"))
+    if repo_id == str(name_or_path) and (looks_like_path or (path.parent != Path(".") and path.parent.is_dir())):
+        # "out/finall" is a mistyped path, not the Hub repo "finall" of a user named "out"
+        why = "it is a path" if looks_like_path else f"its folder {path.parent}/ exists here"
+        raise CheckpointError(f"{name_or_path!r}: no such directory ({why}, so it is not looked up on the Hub)")
+    if repo_id.count("/") != 1:
         raise CheckpointError(f"{name_or_path!r} is neither a directory, a preset ({', '.join(PRESETS)}) "
                               f"nor a Hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
@@ -1097,6 +1115,8 @@ def load_config(ckpt_dir: str | Path) -> ModelConfig:
         hf = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} is not a JSON object of config keys")
     try:
         return ModelConfig.from_hf(hf)
     except ModelConfigError as e:
@@ -1160,12 +1180,30 @@ def expected_params(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def _checkpoint_files(ckpt_dir: Path) -> list[Path]:
     index = ckpt_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [ckpt_dir / f for f in sorted(set(weight_map.values()))]
+        try:
+            files = [ckpt_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names {len(missing)} shard(s) that are not in {ckpt_dir} "
+                                  f"({', '.join(missing[:3])}): an interrupted download?")
+        return files
     files = sorted(ckpt_dir.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{ckpt_dir} has no *.safetensors files")
     return files
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path):
+    """safe_open, with an unreadable file (truncated, not safetensors) reported as a CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}): a truncated download?") from None
 
 
 def _ignored(hf_key: str, config: ModelConfig) -> bool:
@@ -1178,14 +1216,12 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple
     """Yield (our parameter name, tensor) from a (possibly sharded) HF safetensors checkpoint, one
     tensor at a time. Everything is validated from the safetensors headers before the first tensor
     is read: a missing, unexpected or wrongly shaped tensor raises CheckpointError naming the first few."""
-    from safetensors import safe_open
-
     ckpt_dir = Path(ckpt_dir)
     expected = expected_params(config)
     to_ours = {hf_name(n, config.family): n for n in expected}
     plan, unexpected, bad_shape = [], [], []           # plan: (file, hf key, our name)
     for file in _checkpoint_files(ckpt_dir):
-        with safe_open(file, framework="pt") as f:
+        with _open_safetensors(file) as f:
             for key in f.keys():
                 # some checkpoints (old OPT exports) omit the base model's "model." prefix
                 hf_key = key if key in to_ours or "model." + key not in to_ours else "model." + key
@@ -1207,7 +1243,7 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple
         raise CheckpointError(f"checkpoint {ckpt_dir} does not fit its config ({config.family}): "
                               + "; ".join(problems))
     for file in dict.fromkeys(p[0] for p in plan):
-        with safe_open(file, framework="pt") as f:
+        with _open_safetensors(file) as f:
             for _, key, ours in (p for p in plan if p[0] == file):
                 yield ours, f.get_tensor(key)
 

@@ -683,6 +683,9 @@ def setup(args) -> tuple[Job, Path | None]:
     # model config + tokenizer, then data (tokenization does not need the weights)
     config, ckpt_dir = resolve_model(args.model, args.model_config)
     check_attention(args, device, compute_dtype, config)
+    if config.positions == "learned" and args.max_length > config.max_seq_len:
+        raise UserError(f"--max-length {args.max_length} is longer than the {config.max_seq_len} positions "
+                        f"{args.model} has learned; use --max-length {config.max_seq_len} or less")
     tok = load_tokenizer(args, ckpt_dir)
     out = Path(args.out)
     if rank == 0:

@@ -3,6 +3,7 @@ chunked log-probs, generation, loading errors. Tiny random configs; transformers
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -463,9 +464,54 @@ def test_resolve_checkpoint_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(M.CheckpointError, match="not in the local Hugging Face cache"):
         M.resolve_checkpoint("nobody-here/no-such-model-xyz")
-    with pytest.raises(M.CheckpointError, match="neither a directory"):
+    with pytest.raises(M.CheckpointError, match="no such directory"):
         M.resolve_checkpoint(str(tmp_path / "does-not-exist"))
+    with pytest.raises(M.CheckpointError, match="neither a directory"):
+        M.resolve_checkpoint("no-such-preset")
+    # a mistyped relative path whose folder exists is a path, not the Hub repo "finall" of a user "out"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(M.CheckpointError, match="'out/finall': no such directory"):
+        M.resolve_checkpoint("out/finall")
     assert M.PRESETS["mistral-7b"] == "mistralai/Mistral-7B-v0.1"
+
+
+def test_broken_checkpoints_are_checkpoint_errors(tmp_path):
+    """An interrupted download, a truncated shard, a bad index or config: one CheckpointError each."""
+    model = family_models()["llama"]
+    d = model.save_pretrained(tmp_path / "ok", max_shard_bytes=20_000)      # sharded, with an index
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    cases = {}
+    for name in ("missing_shard", "truncated", "bad_index", "config_list"):
+        cases[name] = tmp_path / name
+        shutil.copytree(d, cases[name])
+    (cases["missing_shard"] / shards[0]).unlink()
+    shard = cases["truncated"] / shards[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    (cases["bad_index"] / "model.safetensors.index.json").write_text("{not json")
+    (cases["config_list"] / "config.json").write_text("[1, 2]")
+    for name, needle in (("missing_shard", "interrupted download"), ("truncated", "not a readable safetensors"),
+                         ("bad_index", "is not a safetensors index"), ("config_list", "not a JSON object")):
+        with pytest.raises(M.CheckpointError, match=needle):
+            M.Transformer.from_pretrained(str(cases[name]))
+
+
+def test_learned_positions_past_the_table_are_a_clear_error():
+    model = family_models()["opt"]
+    n = model.config.max_seq_len
+    x = torch.zeros(n + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"past the {n} learned positions"):
+        model.packed_hidden(x, torch.arange(n + 1), torch.tensor([[n + 1, 0, 0]]))
+
+
+def test_generate_rejects_a_zero_top_p_and_phi_rejects_an_ungated_silu():
+    model = family_models()["llama"]
+    with pytest.raises(ValueError, match="0 < top_p <= 1"):
+        model.generate([[1, 2]], max_new_tokens=2, top_p=0.0)
+    with pytest.raises(M.ModelConfigError, match="ungated SiLU"):
+        M.ModelConfig.from_hf(dict(model_type="phi", **BASE, intermediate_size=40, hidden_act="silu"))
 
 
 def test_resolve_checkpoint_gated_and_no_safetensors(monkeypatch, tmp_path):

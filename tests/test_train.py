@@ -326,6 +326,8 @@ def test_nan_guard_skips_steps_then_stops(tmp_path, capsys):
     (["--attention", "flash", "--device", "cpu"], "--attention flash"),
     (["--attention", "varlen", "--device", "cpu"], "--attention varlen"),
     (["--attention", "flex", "--device", "cpu"], "no backward on the CPU"),
+    (["--model-config", '{"family": "opt", "positions": "learned", "norm": "layernorm", "mlp_kind": "relu", '
+      '"max_seq_len": 128}'], "longer than the 128 positions"),
     (["--batch-size", "7", "--grad-accum", "2"], "--batch-size 7"),
 ])
 def test_bad_input_is_one_clean_line(tmp_path, capsys, monkeypatch, argv, needle):
