@@ -126,18 +126,116 @@ def _token_str(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _tok_from_files(tokenizer_json, config_json=None, special_map_json=None, template_file=None, name=""):
+def _read_json(f):
     try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_json))
-    except Exception as e:
-        raise DataError(f"cannot read tokenizer file {tokenizer_json}: {e}") from None
+        return json.loads(Path(f).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot parse {f}: {e}") from None
+
+
+def _tokenizer_source(folder, where, error=FileNotFoundError):
+    """tokenizer.json in `folder`, else (vocab.json, merges.txt) of a GPT-2-style byte-level BPE (gpt2, facebook/opt-*
+    ship only those), else a one-line error naming `where` and the files looked for."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return folder / "tokenizer.json"
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if vocab.is_file() and merges.is_file():
+        return vocab, merges
+    hint = ("; its tokenizer.model (SentencePiece) is not read here: save the tokenizer with transformers "
+            "(AutoTokenizer.from_pretrained(...).save_pretrained(...)) to write a tokenizer.json"
+            if (folder / "tokenizer.model").is_file() else "")
+    raise error(f"no tokenizer in {where}: looked for tokenizer.json, or vocab.json + merges.txt (byte-level BPE){hint}")
+
+
+def _added_token(value, special):
+    """An AddedToken from tokenizer_config.json's string or {"content", "lstrip", ...} form."""
+    from tokenizers import AddedToken
+    if isinstance(value, dict):
+        flags = {k: bool(value[k]) for k in ("single_word", "lstrip", "rstrip", "normalized") if k in value}
+        return AddedToken(value["content"], special=bool(value.get("special", special)), **flags)
+    return AddedToken(str(value), special=special)
+
+
+def _byte_level_bpe(vocab_json, merges_txt, config):
+    """The tokenizers.Tokenizer that transformers (GPT2Tokenizer, which OPT's configs name too) builds from vocab.json +
+    merges.txt: byte-level BPE, add_prefix_space from the config (default False), the config's special tokens as added
+    tokens, and a post-processor that prepends BOS when add_bos_token is true (OPT: "</s>") and appends EOS when
+    add_eos_token is true, as transformers 5 does (TokenizersBackend.update_post_processor)."""
+    from tokenizers import decoders, models, pre_tokenizers, processors
+    vocab = _read_json(vocab_json)
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+        raise DataError(f"{vocab_json}: expected a JSON object mapping tokens to integer ids")
+    merges = []
+    try:
+        lines = Path(merges_txt).read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {merges_txt}: {e}") from None
+    for n, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
+        if not line or (n == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2 or not all(pair):
+            raise DataError(f"{merges_txt} line {n}: expected two tokens separated by one space, got {line!r}")
+        merges.append(tuple(pair))
+    try:
+        bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                         end_of_word_suffix="", fuse_unk=False)
+    except Exception as e:                              # e.g. a merge of tokens that are not in vocab.json
+        raise DataError(f"cannot build a BPE from {vocab_json} and {merges_txt}: {e}") from None
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)))
+    tokenizer.decoder = decoders.ByteLevel()
+
+    # Added tokens in transformers' order: added_tokens_decoder, then the named special tokens, then the extra ones.
+    # A token already in vocab.json keeps its id there; any other is appended after the vocabulary.
+    wanted = []                                         # (AddedToken, id the config gives it or None)
+    for i, value in sorted(((int(i), v) for i, v in (config.get("added_tokens_decoder") or {}).items())):
+        wanted.append((_added_token(value, special=True), i))
+    for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        if config.get(key) is not None:
+            wanted.append((_added_token(config[key], special=True), None))
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        extra = config.get(key) or []
+        for value in (extra.values() if isinstance(extra, dict) else extra):
+            wanted.append((_added_token(value, special=True), None))
+    seen = set()
+    for token, expected_id in wanted:
+        if token.content in seen:
+            continue
+        seen.add(token.content)
+        tokenizer.add_tokens([token])
+        got = tokenizer.token_to_id(token.content)
+        if expected_id is not None and got != expected_id:
+            raise DataError(f"tokenizer_config.json gives added token {token.content!r} id {expected_id}, "
+                            f"but vocab.json + merges.txt give it id {got}")
+
+    bos = _token_str(config.get("bos_token")) if config.get("add_bos_token", False) else None
+    eos = _token_str(config.get("eos_token")) if config.get("add_eos_token", False) else None
+    for flag, token in (("add_bos_token", bos), ("add_eos_token", eos)):
+        if token is not None and tokenizer.token_to_id(token) is None:
+            raise DataError(f"tokenizer_config.json sets {flag} but {token!r} is not in the vocabulary")
+    single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))
+    pair = " ".join([single] + ([f"{bos}:1"] if bos else []) + ["$B:1"] + ([f"{eos}:1"] if eos else []))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, tokenizer.token_to_id(t)) for t in dict.fromkeys([bos, eos]) if t])
+    return tokenizer
+
+
+def _tok_from_files(source, config_json=None, special_map_json=None, template_file=None, name=""):
+    """A Tok from `source` (a tokenizer.json, or a (vocab.json, merges.txt) pair) and the config files beside it."""
     config = {}
     for f in (special_map_json, config_json):          # tokenizer_config.json wins over special_tokens_map.json
         if f is not None and Path(f).is_file():
-            try:
-                config.update(json.loads(Path(f).read_text()))
-            except json.JSONDecodeError as e:
-                raise DataError(f"cannot parse {f}: {e}") from None
+            config.update(_read_json(f))
+    if isinstance(source, tuple):
+        tokenizer = _byte_level_bpe(*source, config)
+    else:
+        try:
+            tokenizer = Tokenizer.from_file(str(source))
+        except Exception as e:
+            raise DataError(f"cannot read tokenizer file {source}: {e}") from None
     template = config.get("chat_template")
     if isinstance(template, list):                      # named templates: [{"name": "default", "template": ...}]
         named = {t["name"]: t["template"] for t in template}
@@ -150,28 +248,25 @@ def _tok_from_files(tokenizer_json, config_json=None, special_map_json=None, tem
 
 
 def load_tokenizer(path_or_name):
-    """A Tok from a folder (tokenizer.json + tokenizer_config.json), a tokenizer.json file, a Hub model id,
-    or "synthetic" (the tiny demo tokenizer)."""
+    """A Tok from a folder (tokenizer.json, or a GPT-2-style vocab.json + merges.txt, with tokenizer_config.json),
+    a tokenizer.json file, a Hub model id, or "synthetic" (the tiny demo tokenizer)."""
     name = str(path_or_name)
     if name == "synthetic":
         return synthetic_tokenizer()
     path = Path(name)
     if path.is_file():
         folder = path.parent            # tokenizer.json or tokenizer_config.json: the rest sits beside it
-        tok_file = folder / "tokenizer.json" if path.name == "tokenizer_config.json" else path
+        source = _tokenizer_source(folder, folder) if path.name == "tokenizer_config.json" else path
     elif path.is_dir():
-        folder, tok_file = path, path / "tokenizer.json"
-        if not tok_file.is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        folder = path
+        source = _tokenizer_source(folder, path)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        folder = _hub_download(name, "model", ["tokenizer.json", "tokenizer_config.json",
+        folder = _hub_download(name, "model", ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
                                                 "special_tokens_map.json", "chat_template.jinja"])
-        tok_file = folder / "tokenizer.json"
-        if not tok_file.is_file():
-            raise DataError(f"Hub model {name} has no tokenizer.json")
+        source = _tokenizer_source(folder, f"Hub model {name}", error=DataError)
     else:
         raise FileNotFoundError(f"tokenizer not found: {name} (a folder, a tokenizer.json, a Hub id, or 'synthetic')")
-    return _tok_from_files(tok_file, folder / "tokenizer_config.json", folder / "special_tokens_map.json",
+    return _tok_from_files(source, folder / "tokenizer_config.json", folder / "special_tokens_map.json",
                            folder / "chat_template.jinja", name=name)
 
 

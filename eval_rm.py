@@ -717,9 +717,10 @@ def checkpoint_tokenizer(flag, spec, remedy):
         ckpt_dir = model_lib.resolve_checkpoint(spec)
     except ValueError as e:                      # model.CheckpointError: unknown name, offline, no config.json
         raise EvalError(f"{flag}: {e}") from None
-    if not (Path(ckpt_dir) / "tokenizer.json").is_file():
-        raise EvalError(f"{flag}: {ckpt_dir} has no tokenizer.json, so how this model reads text is unknown; {remedy}")
-    return load_named_tokenizer(flag, ckpt_dir)
+    try:      # tokenizer.json, or GPT-2-style vocab.json + merges.txt (OPT)
+        return data.load_tokenizer(ckpt_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise EvalError(f"{flag}: {e}; without it, how this model reads text is unknown: {remedy}") from None
 
 
 def init_tokenizer(tokenizer, init, data_source):
@@ -739,10 +740,11 @@ def rm_tokenizer(tokenizer, rm_dir):
     """winrate's RM tokenizer: --tokenizer, else the one train-rm saved beside the RM."""
     if tokenizer:
         return load_named_tokenizer("--tokenizer", tokenizer)
-    if not (Path(rm_dir) / "tokenizer.json").is_file():
-        raise EvalError(f"--rm {rm_dir} has no tokenizer.json (train-rm saves the one the RM was trained with); "
-                        f"pass --tokenizer")
-    return load_named_tokenizer(f"--rm {rm_dir}", rm_dir)
+    try:
+        return data.load_tokenizer(rm_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise EvalError(f"--rm {rm_dir}: {e} (train-rm saves the one the RM was trained with); "
+                        f"pass --tokenizer") from None
 
 
 def policy_tokenizers(policies, rm_tok):

@@ -306,6 +306,93 @@ def test_real_tokenizers_put_bos_where_their_post_processor_does(name, bos, eos)
     assert (ids[0] == bos) if bos is not None else ids == tok.tokenizer.encode("Hello world").ids
 
 
+def without_tokenizer_json(src, dst):
+    """A copy of tokenizer folder `src` without its tokenizer.json: only vocab.json + merges.txt and the configs."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "tokenizer.json":
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+VOCAB_MERGES_TEXTS = ["Hello world", " Hello world", "  two leading spaces", "trailing space ", "a\nb\n\nc\r\n",
+                      "\ttab\tand  double  spaces   ", "café naïve Ünïcödé 日本語 Ελληνικά русский", "emoji 🤗👍🏽 ok",
+                      "numbers 0 12 345 6789 3.14159 1,000,000", "it's they're we'll I'd", "<|endoftext|>x</s><pad><s>",
+                      "\u00a0nbsp\u2028ls", "", " ", "\n"]
+
+
+@pytest.mark.parametrize("name, bos", [("gpt2", None), ("opt", 2)])
+def test_vocab_json_and_merges_txt_tokenize_like_tokenizer_json(tmp_path, shared_data, name, bos):
+    src = shared_data / "tokenizers" / name
+    folder = without_tokenizer_json(src, tmp_path / name)
+    tok, ref = data.load_tokenizer(folder), data.load_tokenizer(src)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (ref.bos_id, ref.eos_id, ref.pad_id, ref.vocab_size)
+    assert tok.bos_id == bos
+    assert tok.tokenizer.get_added_tokens_decoder() == ref.tokenizer.get_added_tokens_decoder()
+    conversation = [{"role": "user", "content": "Hi there!\nHow are you? 🙂"}, {"role": "assistant", "content": " Fine."}]
+    rendered = data.render_chat(data.ZEPHYR_TEMPLATE, conversation, add_generation_prompt=False,
+                                bos_token=tok.bos_token, eos_token=tok.eos_token)
+    strings = VOCAB_MERGES_TEXTS + [rendered]
+    assert [tok.encode(s) for s in strings] == [ref.encode(s) for s in strings]
+    assert tok.encode_many(strings) == ref.encode_many(strings)
+    assert [tok.tokenizer.encode(s).ids for s in strings] == [ref.tokenizer.encode(s).ids for s in strings]
+    for s in strings:
+        ids = tok.encode(s)
+        assert tok.decode(ids[1:] if bos is not None else ids) == s and tok.decode(ids) == ref.decode(ids)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))       # transformers' own reading of the same files
+    assert [hf(s)["input_ids"] for s in strings] == [tok.tokenizer.encode(s).ids for s in strings]
+    assert hf("Hello world")["input_ids"] == tok.encode("Hello world")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_vocab_json_and_merges_txt_build_the_same_pairs(tmp_path, shared_data, name):
+    src = shared_data / "tokenizers" / name
+    tok, ref = data.load_tokenizer(without_tokenizer_json(src, tmp_path / name)), data.load_tokenizer(src)
+    table = pq.read_table(shared_data / "hh-rlhf-harmless-test.parquet")
+    subset = write(tmp_path / "hh.parquet", table.slice(0, 12).to_pydict())
+    a, b = (build_pairs(subset, t, max_length=512, max_prompt_length=256) for t in (tok, ref))
+    assert len(a) == len(b) > 0 and a.stats == b.stats
+    assert np.array_equal(a.lengths, b.lengths) and data.pairs_crc32(a) == data.pairs_crc32(b)
+    assert all(np.array_equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b)
+               for f in ("prompt_ids", "chosen_ids", "rejected_ids"))
+
+
+def test_vocab_merges_fallback_reads_the_config_flags(tmp_path):
+    """add_bos_token / add_eos_token / add_prefix_space from tokenizer_config.json, and tokens outside vocab.json."""
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", "h", "i", "Ġ", "hi", "Ġhi"])}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nh i\nĠ hi\n")
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "add_prefix_space": True,
+              "additional_special_tokens": ["<sep>"]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = data.load_tokenizer(tmp_path)
+    assert tok.bos_id == 0 and tok.eos_id == 1 and tok.encode("hi") == [0, 6]          # prefix space: "Ġhi"
+    assert tok.tokenizer.token_to_id("<sep>") == 7 and tok.encode("hi<sep>hi") == [0, 6, 7, 6]
+    config.update(add_bos_token=False, add_prefix_space=False)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = data.load_tokenizer(tmp_path)
+    assert tok.bos_id is None and tok.encode("hi hi") == [5, 6]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nh i x\n")
+    with pytest.raises(DataError, match=r"merges.txt line 2: expected two tokens"):
+        data.load_tokenizer(tmp_path)
+
+
+def test_folder_without_a_usable_tokenizer_is_a_one_line_error(tmp_path, shared_data):
+    folder = tmp_path / "spm_only"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes((shared_data / "tokenizers" / "llama2" / "tokenizer.model").read_bytes())
+    (folder / "vocab.json").write_text("{}")                                   # vocab.json alone is not enough
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_tokenizer(folder)
+    message = str(e.value)
+    assert "\n" not in message and str(folder) in message
+    assert all(f in message for f in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model"))
+    (folder / "tokenizer_config.json").write_text("{}")                        # named through its config file too
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer in .*spm_only: looked for tokenizer.json, or vocab"):
+        data.load_tokenizer(folder / "tokenizer_config.json")
+
+
 # ----------------------------------------------------------------------------- filters and truncation
 
 def test_filters_counted_by_reason_and_truncation_keeps_the_prompt(tmp_path, tok):

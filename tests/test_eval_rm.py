@@ -427,8 +427,8 @@ def test_val_data_replaces_the_val_frac_slice(tmp_path):
     (["winrate", "--rounds", "0"], "--rounds must be at least 1"),
     (["winrate", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["winrate", "--policy", "a=tiny"], "is given twice"),
-    (["winrate", "--rm", "BARE_RM"], "has no tokenizer.json (train-rm saves"),
-    (["winrate", "--policy", "c=BARE_POLICY"], "has no tokenizer.json, so how this model reads text is unknown"),
+    (["winrate", "--rm", "BARE_RM"], "(train-rm saves the one the RM was trained with)"),
+    (["winrate", "--policy", "c=BARE_POLICY"], "how this model reads text is unknown"),
 ])
 def test_bad_options_fail_in_one_line_before_loading(setup, tmp_path, capsys, no_model_loads, argv, message):
     bare_rm, bare_policy = tmp_path / "bare_rm", tmp_path / "bare_policy"
