@@ -1208,7 +1208,8 @@ def _open_safetensors(file: Path):
 
 def _ignored(hf_key: str, config: ModelConfig) -> bool:
     # old Llama exports saved the rotary inverse frequencies (a constant, not a weight); a tied
-    # checkpoint may carry a duplicate lm_head.weight (HF drops it the same way)
+    # checkpoint may carry a duplicate lm_head.weight (HF drops it the same way; iter_hf_tensors loads
+    # it as the embedding when the embedding itself is absent)
     return hf_key.endswith("rotary_emb.inv_freq") or (config.tie_embeddings and hf_key == "lm_head.weight")
 
 
@@ -1220,11 +1221,14 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple
     expected = expected_params(config)
     to_ours = {hf_name(n, config.family): n for n in expected}
     plan, unexpected, bad_shape = [], [], []           # plan: (file, hf key, our name)
+    tied_head = None                                   # (file, shape) of a tied checkpoint's lm_head.weight
     for file in _checkpoint_files(ckpt_dir):
         with _open_safetensors(file) as f:
             for key in f.keys():
                 # some checkpoints (old OPT exports) omit the base model's "model." prefix
                 hf_key = key if key in to_ours or "model." + key not in to_ours else "model." + key
+                if config.tie_embeddings and hf_key == "lm_head.weight":
+                    tied_head = (file, tuple(f.get_slice(key).get_shape()))
                 if hf_key not in to_ours:
                     if not _ignored(hf_key, config):
                         unexpected.append(key)
@@ -1235,6 +1239,13 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple
                     bad_shape.append(f"{key} {shape} (expected {expected[ours]})")
                 plan.append((file, key, ours))
     loaded = {ours for _, _, ours in plan}
+    if tied_head and "tok_embeddings.weight" not in loaded:
+        # a conversion that kept one name per shared tensor may have kept the tied matrix as lm_head.weight
+        file, shape = tied_head
+        if shape != expected["tok_embeddings.weight"]:
+            bad_shape.append(f"lm_head.weight {shape} (expected {expected['tok_embeddings.weight']})")
+        plan.append((file, "lm_head.weight", "tok_embeddings.weight"))
+        loaded.add("tok_embeddings.weight")
     missing = [hf for hf, ours in to_ours.items() if ours not in loaded]
     problems = [f"{what} {len(names)}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
                 for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape))

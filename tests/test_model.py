@@ -498,6 +498,23 @@ def test_broken_checkpoints_are_checkpoint_errors(tmp_path):
             M.Transformer.from_pretrained(str(cases[name]))
 
 
+def test_tied_checkpoint_that_kept_only_lm_head_loads(tmp_path):
+    """Conversions that keep one name per shared tensor may store a tied OPT's embedding as lm_head.weight."""
+    from safetensors.torch import load_file, save_file
+
+    model = family_models()["opt"]
+    assert model.config.tie_embeddings
+    d = model.save_pretrained(tmp_path / "ckpt")
+    (f,) = d.glob("*.safetensors")
+    tensors = load_file(f)
+    tensors["lm_head.weight"] = tensors.pop("model.decoder.embed_tokens.weight")
+    save_file(tensors, f)
+    loaded = M.Transformer.from_pretrained(str(d))
+    x = torch.randint(0, V, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 def test_learned_positions_past_the_table_are_a_clear_error():
     model = family_models()["opt"]
     n = model.config.max_seq_len
