@@ -1104,9 +1104,41 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         raise CheckpointError(f"cannot get {repo_id}: it is not in the local Hugging Face cache and the Hub is not "
                               f"reachable (offline, or HF_HUB_OFFLINE=1): {type(e).__name__}") from None
     if not any(local.glob("*.safetensors")):
-        raise CheckpointError(f"Hub repo {repo_id} has no *.safetensors weights (only pickled files, which are not "
-                              f"loaded for safety); convert it to safetensors first")
+        ref = _safetensors_pr(repo_id)
+        if ref is None:
+            raise CheckpointError(f"Hub repo {repo_id} has no *.safetensors weights (only pickled files, which are not "
+                                  f"loaded for safety), nor a safetensors pull request by the Hub's conversion bot; "
+                                  f"convert it to safetensors first")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: {repo_id} has no safetensors on main; using those of {ref}, the Hub bot's conversion "
+                  f"pull request on top of main (as transformers does)")
+        local = Path(snapshot_download(repo_id, revision=ref, allow_patterns=_ALLOW))
     return local
+
+
+_CONVERSION_PR = "Adding `safetensors` variant of this model"
+
+
+def _safetensors_pr(repo_id: str) -> str | None:
+    """The git reference (refs/pr/N) of the open safetensors conversion pull request that the Hub's bot
+    (SFconvertbot) made of repo_id, if that PR sits directly on top of main; else None. Repos older than
+    safetensors (facebook/opt-*) often have safetensors weights only there; transformers loads them from the
+    same PR. Only the bot's PR is trusted, and only when its parent is the current main, so that it can add
+    nothing but the converted files."""
+    from huggingface_hub import HfApi, get_repo_discussions
+    from huggingface_hub.errors import HfHubHTTPError
+    try:
+        api = HfApi()
+        main = api.list_repo_commits(repo_id)[0].commit_id
+        for pr in get_repo_discussions(repo_id, author="SFconvertbot", discussion_type="pull_request",
+                                       discussion_status="open"):
+            if pr.title == _CONVERSION_PR and pr.author == "SFconvertbot":   # the filter, checked again
+                commits = api.list_repo_commits(repo_id, revision=pr.git_reference)
+                if len(commits) > 1 and commits[1].commit_id == main:
+                    return pr.git_reference
+    except (HfHubHTTPError, OSError):        # offline (OfflineModeIsEnabled is an OSError), rate-limited, ...
+        return None
+    return None
 
 
 def load_config(ckpt_dir: str | Path) -> ModelConfig:

@@ -555,6 +555,47 @@ def test_resolve_checkpoint_gated_and_no_safetensors(monkeypatch, tmp_path):
         M.resolve_checkpoint("someone/pickled-only")
 
 
+def test_safetensors_from_the_bots_conversion_pr(monkeypatch, tmp_path, capsys):
+    """A repo with only pickled weights on main (facebook/opt-*) loads the safetensors of the Hub bot's open
+    conversion PR, if that PR sits on top of main; another author's PR, or one on an old main, is not used."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    main_dir, pr_dir = tmp_path / "main", tmp_path / "pr"
+    for d in (main_dir, pr_dir):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    (pr_dir / "model.safetensors").write_bytes(b"")
+    downloads = []
+
+    def snapshot_download(repo_id, allow_patterns, revision=None):
+        downloads.append(revision)
+        return str(pr_dir if revision == "refs/pr/7" else main_dir)
+
+    def discussions(repo_id, author, discussion_type, discussion_status):
+        title = "Adding `safetensors` variant of this model"
+        return [SimpleNamespace(title=title, git_reference="refs/pr/2", author="mallory"),        # not the bot
+                SimpleNamespace(title=title, git_reference="refs/pr/3", author="SFconvertbot"),   # on an old main
+                SimpleNamespace(title=title, git_reference="refs/pr/7", author="SFconvertbot")]
+
+    parents = {None: ["main-head"], "refs/pr/2": ["pr2", "main-head"], "refs/pr/3": ["pr3", "old-main"],
+               "refs/pr/7": ["pr7", "main-head"]}
+
+    class Api:
+        def list_repo_commits(self, repo_id, revision=None):
+            return [SimpleNamespace(commit_id=c) for c in parents[revision]]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "get_repo_discussions", discussions)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    assert M.resolve_checkpoint("facebook/opt-125m") == pr_dir
+    assert downloads == [None, "refs/pr/7"] and "refs/pr/7" in capsys.readouterr().out
+    parents["refs/pr/7"] = ["pr7", "old-main"]           # main moved on: the PR could carry other changes
+    with pytest.raises(M.CheckpointError, match="nor a safetensors pull request"):
+        M.resolve_checkpoint("facebook/opt-125m")
+
+
 def test_tiny_preset_and_activation_checkpointing():
     torch.manual_seed(0)
     model = M.Transformer.from_pretrained("tiny")
