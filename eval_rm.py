@@ -747,15 +747,20 @@ def rm_tokenizer(tokenizer, rm_dir):
                         f"pass --tokenizer") from None
 
 
-def policy_tokenizers(policies, rm_tok):
-    """{name: the tokenizer the policy reads prompts with}: a checkpoint's own; the RM's for a random-init preset
-    or an in-process module, whose vocabulary must then hold every id of the RM's tokenizer."""
-    toks = {}
+def policy_tokenizers(policies, rm_tok, given=None):
+    """{name: the tokenizer the policy reads prompts with}: the one given for it (--policy-tokenizer), else a
+    checkpoint's own; the RM's for a random-init preset or an in-process module, whose vocabulary must then
+    hold every id of the RM's tokenizer."""
+    toks, given = {}, given or {}
     for name, spec in policies.items():
         where = f"policy {name}" if isinstance(spec, nn.Module) else f"--policy {name}={spec}"
+        if name in given:
+            toks[name] = load_named_tokenizer(f"--policy-tokenizer {name}", given[name])
+            continue
         config = getattr(spec, "config", None) if isinstance(spec, nn.Module) else random_init_config(spec)
         if config is None and not isinstance(spec, nn.Module):
-            toks[name] = checkpoint_tokenizer(where, spec, "save the policy's tokenizer there (train.py does)")
+            toks[name] = checkpoint_tokenizer(where, spec, f"save the policy's tokenizer there (train.py does), "
+                                                           f"or pass --policy-tokenizer {name}=TOKENIZER")
             continue
         if config is not None and rm_tok.vocab_size > config.vocab_size:
             raise EvalError(f"{where}: its {config.vocab_size}-token vocabulary cannot read the RM's tokenizer "
@@ -861,6 +866,20 @@ def parse_policies(specs):
     return policies
 
 
+def parse_policy_tokenizers(specs, policies):
+    """['NAME=TOKENIZER', ...] -> {name: tokenizer}, each NAME one of the --policy names."""
+    given = {}
+    for spec in specs:
+        name, sep, tok = spec.partition("=")
+        if not sep or not tok.strip():
+            raise EvalError(f"--policy-tokenizer {spec!r}: expected NAME=TOKENIZER, e.g. base=path/to/tokenizer")
+        if name not in policies:
+            raise EvalError(f"--policy-tokenizer {spec!r}: no --policy is named {name!r} "
+                            f"(the policies are {', '.join(policies)})")
+        given[name] = tok
+    return given
+
+
 def check_args(args):
     """Reject impossible option values in one sentence each, before any data is read or model loaded."""
     rules = []
@@ -919,9 +938,10 @@ def cmd_winrate(args, device):
     """winrate: tokenizers and prompts (cheap, so bad input fails first), then the RM, then sample and score."""
     _, rank, _, _ = dist.get_dist_info()
     policies = parse_policies(args.policy)
+    given = parse_policy_tokenizers(args.policy_tokenizer, policies)
     require_rm_dir(args.rm)
     tok = rm_tokenizer(args.tokenizer, args.rm)
-    policy_toks = policy_tokenizers(policies, tok)
+    policy_toks = policy_tokenizers(policies, tok, given)
     source = args.data
     if source == "synthetic":            # fresh prompts from a seed the RM and train.py never used
         source = synthetic_file(Path(args.out) / "data", args.n_prompts, 12345, "eval")
@@ -1046,6 +1066,8 @@ def build_parser():
     p.add_argument("--tokenizer", default=None,
                    help="the RM's tokenizer; default: the one saved in --rm. Each policy reads prompts with its own "
                         "checkpoint's tokenizer (a random-init preset such as tiny: the RM's)")
+    p.add_argument("--policy-tokenizer", action="append", default=[], metavar="NAME=TOKENIZER",
+                   help="the tokenizer policy NAME reads prompts with, for a checkpoint saved without one (repeat)")
     p.add_argument("--n-prompts", type=int, default=200, help="use the first N usable prompts")
     p.add_argument("--rounds", type=int, default=3, help="sampling rounds with different seeds (mean ± std)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0); 0 = greedy")

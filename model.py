@@ -1112,7 +1112,10 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"note: {repo_id} has no safetensors on main; using those of {ref}, the Hub bot's conversion "
                   f"pull request on top of main (as transformers does)")
-        local = Path(snapshot_download(repo_id, revision=ref, allow_patterns=_ALLOW))
+        try:
+            local = Path(snapshot_download(repo_id, revision=ref, allow_patterns=_ALLOW))
+        except Exception as e:   # the network failed between the two downloads (any client error)
+            raise CheckpointError(f"cannot get {repo_id} at {ref}: {type(e).__name__}: {e}") from None
     return local
 
 
@@ -1125,8 +1128,10 @@ def _safetensors_pr(repo_id: str) -> str | None:
     safetensors (facebook/opt-*) often have safetensors weights only there; transformers loads them from the
     same PR. Only the bot's PR is trusted, and only when its parent is the current main, so that it can add
     nothing but the converted files."""
+    import huggingface_hub
     from huggingface_hub import HfApi, get_repo_discussions
-    from huggingface_hub.errors import HfHubHTTPError
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return _cached_conversion_pr(repo_id)
     try:
         api = HfApi()
         main = api.list_repo_commits(repo_id)[0].commit_id
@@ -1136,8 +1141,25 @@ def _safetensors_pr(repo_id: str) -> str | None:
                 commits = api.list_repo_commits(repo_id, revision=pr.git_reference)
                 if len(commits) > 1 and commits[1].commit_id == main:
                     return pr.git_reference
-    except (HfHubHTTPError, OSError):        # offline (OfflineModeIsEnabled is an OSError), rate-limited, ...
+    except Exception:   # unreachable Hub, rate limits: the HTTP client's errors are not all OSErrors
+        return _cached_conversion_pr(repo_id)
+    return None
+
+
+def _cached_conversion_pr(repo_id: str) -> str | None:
+    """Offline: a refs/pr/N revision of repo_id with safetensors in the local HF cache (it was checked by
+    _safetensors_pr when it was downloaded), or None."""
+    from huggingface_hub import constants, scan_cache_dir
+    try:
+        repos = scan_cache_dir(constants.HF_HUB_CACHE).repos
+    except Exception:   # no cache yet, or a corrupted one
         return None
+    for repo in repos:
+        if repo.repo_id == repo_id and repo.repo_type == "model":
+            for rev in repo.revisions:
+                prs = sorted(r for r in rev.refs if r.startswith("refs/pr/"))
+                if prs and any(f.file_name.endswith(".safetensors") for f in rev.files):
+                    return prs[0]
     return None
 
 

@@ -905,8 +905,11 @@ def eval_commands(args) -> list[str]:
             and args.tokenizer is None and args.template == "auto")
     if demo:   # eval_rm.py's demo knows this layout (and the tiny model's init seed, 42)
         return ["python eval_rm.py" + ("" if str(out) == "out" else f" demo --root {q(str(out))}")]
-    same = (["--tokenizer", args.tokenizer] if args.tokenizer else []) + \
-           (["--template", args.template] if args.template != "auto" else [])
+    import model as model_lib
+    random_init = isinstance(model_lib.PRESETS.get(args.model), model_lib.ModelConfig)
+    # the tokenizer this run read text with (load_tokenizer): the RM must read it the same way
+    tokenizer = args.tokenizer or ("synthetic" if random_init else None)
+    template = ["--template", args.template] if args.template != "auto" else []
     if args.data is None:      # the synthetic pairs this run wrote (and its synthetic held-out set)
         rm_data = ["--data", str(out / "data" / f"synthetic_train_{args.synthetic_pairs}.parquet")]
         prompts = ["--data", args.eval_data or str(out / "data" / "synthetic_eval.parquet")]
@@ -918,9 +921,12 @@ def eval_commands(args) -> list[str]:
     init = [] if args.model == "tiny" else ["--init", args.model]
     # the base policy "tiny" is the random init of --seed (eval_rm.py assumes train.py's default, 42)
     seed = ["--init-seed", str(args.seed)] if args.model == "tiny" and args.seed != 42 else []
-    train_rm = ["train-rm", "--out", str(out / "rm"), *init, *rm_data, *same]
+    rm_tok = ["--tokenizer", tokenizer] if tokenizer else []
+    # OUT/final carries the run's tokenizer; a base checkpoint read through --tokenizer may have none
+    base_tok = ["--policy-tokenizer", f"base={args.tokenizer}"] if args.tokenizer and not random_init else []
+    train_rm = ["train-rm", "--out", str(out / "rm"), *init, *rm_data, *rm_tok, *template]
     winrate = ["winrate", "--rm", str(out / "rm"), "--policy", f"orpo={out / 'final'}", "--policy",
-               f"base={args.model}", *seed, *prompts, *same, "--out", str(out / "winrate")]
+               f"base={args.model}", *base_tok, *seed, *prompts, *template, "--out", str(out / "winrate")]
     return ["python eval_rm.py " + shlex.join(c) for c in (train_rm, winrate)]
 
 

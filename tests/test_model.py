@@ -561,6 +561,7 @@ def test_safetensors_from_the_bots_conversion_pr(monkeypatch, tmp_path, capsys):
     from types import SimpleNamespace
 
     import huggingface_hub
+    import huggingface_hub.constants
 
     main_dir, pr_dir = tmp_path / "main", tmp_path / "pr"
     for d in (main_dir, pr_dir):
@@ -586,6 +587,7 @@ def test_safetensors_from_the_bots_conversion_pr(monkeypatch, tmp_path, capsys):
         def list_repo_commits(self, repo_id, revision=None):
             return [SimpleNamespace(commit_id=c) for c in parents[revision]]
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)    # (conftest sets it for the suite)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub, "get_repo_discussions", discussions)
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
@@ -594,6 +596,40 @@ def test_safetensors_from_the_bots_conversion_pr(monkeypatch, tmp_path, capsys):
     parents["refs/pr/7"] = ["pr7", "old-main"]           # main moved on: the PR could carry other changes
     with pytest.raises(M.CheckpointError, match="nor a safetensors pull request"):
         M.resolve_checkpoint("facebook/opt-125m")
+
+
+def test_conversion_pr_offline_from_the_cache_and_after_a_network_error(monkeypatch, tmp_path):
+    """Offline, a conversion PR downloaded before is found in the real HF cache layout; a network error that is
+    not an OSError (the HTTP client's own) falls back to the cache too, and never escapes as a traceback."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    repo = tmp_path / "models--facebook--opt-125m"
+    for ref, commit, files in (("main", "a" * 40, ["config.json"]),
+                               ("refs/pr/7", "b" * 40, ["config.json", "model.safetensors"])):
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        for name in files:
+            blob = repo / "blobs" / f"{commit[:8]}{name}"
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_text("{}")
+            (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+            (repo / "snapshots" / commit / name).symlink_to(blob)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert M._cached_conversion_pr("facebook/opt-125m") == "refs/pr/7"
+    assert M.resolve_checkpoint("facebook/opt-125m") == repo / "snapshots" / ("b" * 40)
+
+    class Unreachable:                       # online, but the Hub cannot be reached
+        def list_repo_commits(self, *a, **k):
+            raise RuntimeError("ConnectError: Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Unreachable)
+    assert M._safetensors_pr("facebook/opt-125m") == "refs/pr/7"
+    (repo / "refs" / "refs" / "pr" / "7").unlink()                  # nothing cached either: the clear error
+    assert M._safetensors_pr("facebook/opt-125m") is None
 
 
 def test_tiny_preset_and_activation_checkpointing():

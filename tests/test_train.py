@@ -529,3 +529,25 @@ def test_evaluate_hint_is_a_working_command(tmp_path, argv, wanted):
         text = " ".join(words).replace(str(out), "OUT")
         for i in range(0, len(flags), 2):
             assert " ".join(flags[i:i + 2]) in text, (flags[i:i + 2], text)
+
+
+@pytest.mark.parametrize("case", ["tiny-seed-7", "checkpoint-without-tokenizer"])
+def test_evaluate_hint_runs_as_printed(tmp_path, case):
+    """Not only parsed: the two printed eval_rm commands run to the end (with a few steps and prompts)."""
+    import shlex
+
+    import eval_rm
+    import model as model_lib
+
+    argv = ["--out", str(tmp_path / "run"), "--max-steps", "2", "--synthetic-pairs", "40", "--eval-every", "0"]
+    if case == "tiny-seed-7":            # not the demo layout: eval_rm must be told the synthetic tokenizer
+        argv += ["--seed", "7"]
+    else:                                # a base checkpoint saved without a tokenizer, read with --tokenizer
+        base = model_lib.Transformer(model_lib.PRESETS["tiny"]).save_pretrained(tmp_path / "base")
+        argv += ["--model", str(base), "--tokenizer", "synthetic"]
+    assert run_main(argv) == 0
+    cmds = train.eval_commands(train.parse_args(argv))
+    quick = [["--steps", "2", "--batch-size", "4", "--log-every", "1"],
+             ["--n-prompts", "4", "--rounds", "1", "--max-new-tokens", "4", "--batch-size", "4"]]
+    for cmd, more in zip(cmds, quick):
+        assert eval_rm.main(shlex.split(cmd)[2:] + more) == 0, cmd
