@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from model import plain_name   # parameter names without the wrappers' prefixes
+
 # -----------------------------------------------------------------------------
 # process group
 
@@ -153,13 +155,6 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = None,
     return model
 
 
-def _plain_name(name: str) -> str:
-    # wrappers (torch.compile's OptimizedModule, checkpoint_wrapper) insert these into parameter names
-    for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module."):
-        name = name.replace(wrapper, "")
-    return name
-
-
 @torch.no_grad()
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], where: str = "checkpoint") -> None:
     """Copy full tensors, one at a time, into this rank's local shards of the parameters.
@@ -171,7 +166,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
     Every parameter must be loaded exactly once: a silent partial load is an error.
     """
     # state_dict(keep_vars=True): parameters and persistent buffers, by the names a checkpoint uses
-    params = {_plain_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
+    params = {plain_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
     seen = set()  # ids, so that tied weights (one tensor, two names) count as loaded once either is
     for name, full in tensors:
         if name not in params:
@@ -357,7 +352,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {_plain_name(k): v for k, v in sd.items()} if is_master() else {}
+    return {plain_name(k): v for k, v in sd.items()} if is_master() else {}
 
 
 def export_hf(model: nn.Module, config, tokenizer, out_dir: Path) -> Path:

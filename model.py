@@ -1313,8 +1313,8 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple
                 yield ours, f.get_tensor(key)
 
 
-def _plain(name: str) -> str:
-    # wrappers (torch.compile, activation checkpointing, DDP) insert these into parameter names
+def plain_name(name: str) -> str:
+    """A parameter name without what wrappers (torch.compile, activation checkpointing, DDP) insert into it."""
     for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module.", "module."):
         name = name.replace(wrapper, "")
     return name
@@ -1331,7 +1331,7 @@ def save_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig,
     expected = expected_params(config)
     tensors = {}
     for name, t in state_dict.items():
-        name = _plain(name)
+        name = plain_name(name)
         if config.tie_embeddings and name == "lm_head.weight":
             continue
         if name not in expected:
