@@ -13,6 +13,7 @@ Style after nanochat (get_dist_info / compute_init / print0) and torchtitan
 """
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -86,6 +87,33 @@ def compute_cleanup() -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """--dtype: auto = bfloat16 on a GPU (a 7B model in float32 needs 28 GB), float32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def lr_lambda(schedule: str, warmup: int, total_steps: int):
+    """Multiplier of the peak lr at optimizer step `step` (0-based), exactly as transformers'
+    get_{cosine,inverse_sqrt,constant}_schedule(_with_warmup) that the official scripts ran: a linear
+    warmup step / warmup (so the first step has lr 0), then cosine to 0, inverse_sqrt or constant."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        if schedule == "cosine":
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if schedule == "inverse_sqrt":
+            # continuous at the end of warmup: 1 / sqrt((step - warmup + t) / t) with the time scale t = warmup,
+            # and without warmup t = 10_000 (transformers' default), not a decay from step 1
+            timescale = warmup or 10_000
+            return 1.0 / math.sqrt((step - warmup + timescale) / timescale)
+        return 1.0
+    return f
+
 
 
 # -----------------------------------------------------------------------------

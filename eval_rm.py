@@ -149,8 +149,7 @@ def build_reward_model(init, *, seed=42, device="cpu", param_dtype=None):
     filled tensor by tensor, so no rank ever holds the whole model. seed 42 = train.py's default, so
     init="tiny" starts from the same weights as the default ORPO run.
     """
-    import train
-    config, ckpt_dir = train.resolve_model(str(init), None)
+    config, ckpt_dir = model_lib.resolve_model(str(init))
     with torch.device("meta"):
         rm = RewardModel(model_lib.Transformer(config))
     if torch_dist.is_initialized():
@@ -158,7 +157,7 @@ def build_reward_model(init, *, seed=42, device="cpu", param_dtype=None):
     dist.materialize(rm, device)
     if not torch_dist.is_initialized():
         rm.backbone.tie_weights()               # to_empty gives tied weights separate storage: tie them again
-    tensors = train.random_init_tensors(config, seed) if ckpt_dir is None else \
+    tensors = model_lib.random_init_tensors(config, seed) if ckpt_dir is None else \
         model_lib.iter_hf_tensors(ckpt_dir, config)
     dist.load_weights(rm.backbone, tensors, where=f"reward model init {init}")
     if hasattr(rm.backbone, "init_buffers"):    # non-persistent buffers are garbage after to_empty
@@ -921,8 +920,7 @@ def check_args(args):
 def cmd_train_rm(args, device):
     """train-rm: tokenizer -> pairs and held-out pairs -> eq. 11 training -> saved RM with its held-out accuracy."""
     tok = init_tokenizer(args.tokenizer, args.init, args.data)
-    import train
-    config, _ = train.resolve_model(str(args.init), None)
+    config, _ = model_lib.resolve_model(str(args.init))
     train_pairs, val, origin = train_and_val_pairs(args, tok)
     check_token_ids(train_pairs + val, config.vocab_size, args.init, tok)
     _, result = train_reward_model(train_pairs, init=args.init, val_pairs=val, out_dir=args.out, tokenizer=tok,
@@ -951,7 +949,7 @@ def cmd_winrate(args, device):
     except (ValueError, FileNotFoundError) as e:     # data.DataError, missing files, a Hub id offline
         raise EvalError(f"--data: {e}") from None
     dist.print0(prompts_line(source, prompts, stats))
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = dist.resolve_dtype(args.dtype, device)
     rm, meta = load_reward_model(args.rm, dtype=dtype, device=device)
     use_oracle = args.oracle == "on" or (args.oracle == "auto" and is_synthetic(prompts))
     report = evaluate_policies(rm, policies, prompts, tokenizer=tok, policy_toks=policy_toks, rounds=args.rounds,
@@ -966,13 +964,6 @@ def cmd_winrate(args, device):
         print(summary_text(report))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return report
-
-
-def resolve_dtype(name, device):
-    """auto: bfloat16 on a GPU (a 7B policy in float32 needs 28 GB), float32 on the CPU."""
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def is_synthetic(prompts):

@@ -368,7 +368,10 @@ def _flex(device_type: str):
     return flex_attention, create_block_mask
 
 
-def _pick_backend(device: torch.device, dtype: torch.dtype, window: int | None) -> str:
+def pick_attention(requested: str | None, device: torch.device, dtype: torch.dtype, window: int | None) -> str:
+    """The kernel that runs for `requested` ("auto" or a name; None = the module default) on this device and
+    dtype; RuntimeError when a named kernel cannot run here."""
+    _backend = globals()["_backend"] if requested is None else requested
     # flash kernels are CUDA-only and half-precision-only; fp32 or CPU tensors take the SDPA path
     fast_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     tv = _torch_varlen()
@@ -492,7 +495,7 @@ def _varlen_call(backend, q, k, v, cu_q, cu_k, max_q, max_k, window):
     kw = {}
     if "window_size" in params:   # torch >= 2.12: (-1, 0) means causal
         kw["window_size"] = (left, 0)
-    else:                         # torch 2.10 / 2.11: a flag (no window; _pick_backend checked)
+    else:                         # torch 2.10 / 2.11: a flag (no window; pick_attention checked)
         kw["is_causal"] = True
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
@@ -504,11 +507,11 @@ def _varlen_call(backend, q, k, v, cu_q, cu_k, max_q, max_k, window):
 
 
 def packed_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None,
-                  dtype: torch.dtype) -> Layout:
+                  dtype: torch.dtype, requested: str | None = None) -> Layout:
     """The attention layout of a packed batch, computed once per forward (not per block).
     seg_lens (S, 3) on CPU: (shared, chosen, rejected) lengths per segment."""
     device = position_ids.device
-    backend = _pick_backend(device, dtype, window)
+    backend = pick_attention(requested, device, dtype, window)
     if backend == "sdpa":
         return _sdpa_layout(seg_lens, position_ids, window)
     if backend == "flex":
@@ -810,9 +813,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, attention: str | None = None):
         super().__init__()
         c = self.config = config
+        self.attention = attention   # kernel of the packed forward: "auto", a name, None = module default
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.embed_dim)
         self.pos_embeddings = (nn.Embedding(c.max_seq_len + c.learned_pos_offset, c.dim)
                                if c.positions == "learned" else None)
@@ -893,7 +897,7 @@ class Transformer(nn.Module):
             raise ValueError(f"packed batch mismatch: input_ids {tuple(input_ids.shape)}, position_ids "
                              f"{tuple(position_ids.shape)}, seg_lens summing to {int(seg_lens.sum())}")
         layout = packed_layout(seg_lens.cpu(), position_ids, self.config.sliding_window,
-                               compute_dtype(self.tok_embeddings.weight))
+                               compute_dtype(self.tok_embeddings.weight), self.attention)
         return self._trunk(input_ids, position_ids, layout)
 
     def token_logps(self, hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
@@ -1161,6 +1165,27 @@ def _cached_conversion_pr(repo_id: str) -> str | None:
                 if prs and any(f.file_name.endswith(".safetensors") for f in rev.files):
                     return prs[0]
     return None
+
+
+def resolve_model(name: str) -> tuple[ModelConfig, Path | None]:
+    """(ModelConfig, checkpoint dir) of a preset, local HF dir or Hub id; a weightless preset (tiny) has no
+    checkpoint dir (None): it is randomly initialised (random_init_tensors)."""
+    preset = PRESETS.get(str(name))
+    if isinstance(preset, ModelConfig) and not Path(str(name)).is_dir():
+        return preset, None
+    ckpt_dir = resolve_checkpoint(name)     # clear errors: unknown name, offline and not cached
+    return load_config(ckpt_dir), ckpt_dir
+
+
+def random_init_tensors(config: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The random init of a weightless preset from `seed`, as (name, tensor) pairs: every rank (and a
+    one-process run) builds the same full model on the CPU, so all start from identical weights. The global
+    RNG is left as it was. Only sensible for small presets."""
+    cpu_rng = torch.get_rng_state()
+    torch.manual_seed(seed)
+    full = Transformer(config)
+    torch.set_rng_state(cpu_rng)
+    yield from full.state_dict().items()
 
 
 def load_config(ckpt_dir: str | Path) -> ModelConfig:

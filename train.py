@@ -198,15 +198,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def resolve_model(name: str, overrides: str | None):
-    """(ModelConfig, checkpoint dir or None). A preset given as a ModelConfig has no weights: random init."""
+    """model.resolve_model, with the hidden --model-config overrides of a weightless preset (tests)."""
     import model as model_lib
 
-    preset = model_lib.PRESETS.get(name)
-    if isinstance(preset, model_lib.ModelConfig):
-        config, ckpt_dir = preset, None
-    else:
-        ckpt_dir = model_lib.resolve_checkpoint(name)     # clear errors: unknown name, offline and not cached
-        config = model_lib.load_config(ckpt_dir)
+    config, ckpt_dir = model_lib.resolve_model(name)
     if overrides:
         if ckpt_dir is not None:
             raise UserError("--model-config only applies to presets without a checkpoint (tiny)")
@@ -219,7 +214,6 @@ def resolve_model(name: str, overrides: str | None):
         unknown = sorted(set(o) - {f.name for f in dataclasses.fields(config)})
         if unknown:
             raise UserError(f"--model-config: ModelConfig has no field {unknown[0]!r}")
-        # fields derived in ModelConfig.__post_init__ follow the overridden ones unless given too
         if config.embed_dim == config.dim:
             o.setdefault("embed_dim", o.get("dim", config.dim))
         if config.head_dim == config.dim // config.n_heads:
@@ -228,27 +222,12 @@ def resolve_model(name: str, overrides: str | None):
     return config, ckpt_dir
 
 
-def random_init_tensors(config, seed: int):
-    """The random init of a checkpoint-less preset, as (name, tensor) pairs.
-
-    Every rank builds the same full model on the CPU from the same seed, so all ranks, and a
-    single-process run, start from identical weights. Only sensible for small presets.
-    """
-    import model as model_lib
-
-    cpu_rng = torch.get_rng_state()
-    torch.manual_seed(seed)
-    full = model_lib.Transformer(config)
-    torch.set_rng_state(cpu_rng)
-    yield from full.state_dict().items()
-
-
 def build_model(args, config, ckpt_dir, device, compute_dtype):
     """meta device -> (compile, activation checkpointing) -> FSDP2 -> to_empty -> load weights."""
     import model as model_lib
 
     with torch.device("meta"):
-        model = model_lib.Transformer(config)
+        model = model_lib.Transformer(config, attention=args.attention)
     if args.compile:
         for block in model.layers:
             block.compile()
@@ -257,7 +236,7 @@ def build_model(args, config, ckpt_dir, device, compute_dtype):
                              activation_checkpointing=args.activation_checkpointing)
     dist.materialize(model, device)
     if ckpt_dir is None:
-        dist.load_weights(model, random_init_tensors(config, args.seed), where=f"random init of --model {args.model}")
+        dist.load_weights(model, model_lib.random_init_tensors(config, args.seed), where=f"random init of --model {args.model}")
     else:
         dist.load_sharded_weights(model, ckpt_dir, config)
     # model.py keeps no buffers (RoPE tables are computed per forward), so nothing else is left
@@ -469,25 +448,6 @@ def warmup_steps(args, total_steps: int) -> int:
     return math.ceil(args.warmup_ratio * total_steps)
 
 
-def lr_lambda(schedule: str, warmup: int, total_steps: int):
-    """Multiplier of the peak lr at optimizer step `step` (0-based), exactly as transformers'
-    get_{cosine,inverse_sqrt,constant}_schedule(_with_warmup) that the official scripts ran: a linear
-    warmup step / warmup (so the first step has lr 0), then cosine to 0, inverse_sqrt or constant."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return step / warmup
-        if schedule == "cosine":
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        if schedule == "inverse_sqrt":
-            # continuous at the end of warmup: 1 / sqrt((step - warmup + t) / t) with the time scale t = warmup,
-            # and without warmup t = 10_000 (transformers' default), not a decay from step 1
-            timescale = warmup or 10_000
-            return 1.0 / math.sqrt((step - warmup + timescale) / timescale)
-        return 1.0
-    return f
-
-
 def build_optimizer(args, model, device):
     decay = [p for p in model.parameters() if p.ndim >= 2]       # matrices and embeddings
     no_decay = [p for p in model.parameters() if p.ndim < 2]     # norms, biases
@@ -617,22 +577,15 @@ def micro_batch_stream(batcher):
             yield batcher.epoch, batch
 
 
-def resolve_dtype(name: str, device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 def check_attention(args, device, compute_dtype, config) -> None:
     """Fail before any work if the requested kernel cannot run here (it would fail in the first forward)."""
     import model as model_lib
 
-    model_lib.set_attention_backend(args.attention)
     if args.attention == "auto":
         return
     try:
         with torch.enable_grad():     # training needs the backward (flex has none on the CPU)
-            model_lib._pick_backend(device, compute_dtype, config.sliding_window)
+            model_lib.pick_attention(args.attention, device, compute_dtype, config.sliding_window)
     except RuntimeError as e:
         hint = " (pip install -r requirements-gpu.txt)" if args.attention == "flash" else ""
         raise UserError(f"--attention {args.attention}: {e}{hint}; use --attention auto or sdpa") from None
@@ -677,7 +630,7 @@ def setup(args) -> tuple[Job, Path | None]:
     device = dist.compute_init(args.device)
     _, rank, _, world_size = dist.get_dist_info()
     ckpt, saved = find_resume_point(args, world_size)
-    compute_dtype = resolve_dtype(args.dtype, device)
+    compute_dtype = dist.resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
 
     # model config + tokenizer, then data (tokenization does not need the weights)
@@ -699,7 +652,7 @@ def setup(args) -> tuple[Job, Path | None]:
 
     model = build_model(args, config, ckpt_dir, device, compute_dtype)
     optimizer = build_optimizer(args, model, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, warmup, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, dist.lr_lambda(args.schedule, warmup, total_steps))
     # without FSDP (one process) on GPU, bf16 compute comes from autocast; FSDP casts params itself
     use_autocast = compute_dtype != torch.float32 and world_size == 1
     autocast = torch.autocast(device.type, dtype=compute_dtype) if use_autocast else nullcontext()

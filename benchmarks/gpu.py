@@ -155,7 +155,7 @@ def resolve_kernel(name: str, device, window) -> tuple[str | None, str]:
     previous = model_lib.set_attention_backend(name)
     try:
         with torch.enable_grad():
-            return model_lib._pick_backend(device, torch.bfloat16, window), ""
+            return model_lib.pick_attention(None, device, torch.bfloat16, window), ""
     except RuntimeError as e:
         return None, str(e)
     finally:

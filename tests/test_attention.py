@@ -93,7 +93,7 @@ def fake_kernel(monkeypatch):
         backend, fn = KERNELS[kernel]
         monkeypatch.setattr(M, "_flash_varlen", lambda: fn)
         monkeypatch.setattr(M, "_torch_varlen", lambda: (fn, set(inspect.signature(fn).parameters)))
-        monkeypatch.setattr(M, "_pick_backend", lambda device, dtype, window: backend)
+        monkeypatch.setattr(M, "pick_attention", lambda requested, device, dtype, window: backend)
         return backend
     return install
 
@@ -152,8 +152,9 @@ def test_shared_layout_makes_two_calls_with_bottom_right_keys(fake_kernel, monke
 def test_packed_hidden_picks_the_kernel_for_the_autocast_dtype(monkeypatch):
     """float32 master weights under bf16 autocast compute attention in bf16: the fast kernels must be chosen."""
     seen = []
-    real = M._pick_backend
-    monkeypatch.setattr(M, "_pick_backend", lambda device, dtype, window: seen.append(dtype) or real(device, dtype, window))
+    real = M.pick_attention
+    monkeypatch.setattr(M, "pick_attention", lambda requested, device, dtype, window:
+                        seen.append(dtype) or real(requested, device, dtype, window))
     model = family_models()["llama"]
     x, pos, seg = pack(random_pairs(2), shared=True)
     with torch.no_grad():

@@ -169,10 +169,10 @@ def test_sft_gradient_ignores_rejected_when_lam_is_zero(tmp_path, one_thread):
 
 
 def test_lr_schedules():
-    f = train.lr_lambda("cosine", 10, 110)
+    f = dist.lr_lambda("cosine", 10, 110)
     assert f(0) == 0.0 and f(0) < f(5) < f(9) < 1.0                  # linear warmup from 0
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
-    g = train.lr_lambda("inverse_sqrt", 10, 110)
+    g = dist.lr_lambda("inverse_sqrt", 10, 110)
     assert g(10) == pytest.approx(1.0) and g(40) == pytest.approx(0.5)
     # --warmup-ratio rounds up (as transformers): a small ratio of a short run still warms up
     assert train.warmup_steps(train.parse_args(["--warmup-ratio", "0.01"]), 50) == 1
@@ -192,7 +192,7 @@ def test_lr_schedules_equal_transformers(schedule, warmup):
           "inverse_sqrt": lambda: transformers.get_inverse_sqrt_schedule(opt, warmup),
           "constant": lambda: transformers.get_constant_schedule_with_warmup(opt, warmup)}[schedule]()
     ours = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
-                                             train.lr_lambda(schedule, warmup, total))
+                                             dist.lr_lambda(schedule, warmup, total))
     for step in range(total):
         assert ours.get_last_lr()[0] == pytest.approx(hf.get_last_lr()[0], rel=1e-12, abs=1e-15), step
         ours.optimizer.step(), ours.step(), opt.step(), hf.step()
