@@ -340,10 +340,8 @@ def resolve_template(template, tok, layout):
         if layout == "hh":
             return None      # HH-RLHF transcripts are already formatted text (the paper's base-model runs)
         return tok.chat_template or ZEPHYR_TEMPLATE
-    path = Path(template)
-    if not path.is_file():
-        raise FileNotFoundError(f"template must be auto, zephyr, raw or a .jinja file; not found: {template}")
-    return path.read_text()
+    check_template(template)
+    return Path(template).read_text()
 
 
 # -----------------------------------------------------------------------------
@@ -709,10 +707,34 @@ class PairSet:
         return (self[i] for i in range(len(self)))
 
 
-def build_pairs(source, tok, *, max_length=2048, max_prompt_length=1024, template="auto", split=None, columns=None):
-    """Read, parse, render, tokenize, filter and truncate every row of `source` into a PairSet."""
+def check_lengths(max_length, max_prompt_length):
+    """The one check of the two length limits (build_pairs and the entry points' flag checks call it)."""
     if not 0 < max_prompt_length <= max_length:
         raise DataError(f"need 0 < max_prompt_length ({max_prompt_length}) <= max_length ({max_length})")
+
+
+def check_template(template):
+    """auto, zephyr, raw or an existing .jinja file (resolve_template and the flag checks call it)."""
+    if template not in ("auto", "zephyr", "raw") and not Path(template).is_file():
+        raise FileNotFoundError(f"template must be auto, zephyr, raw or a .jinja file; not found: {template}")
+
+
+def parse_columns(spec):
+    """--columns "prompt=q,chosen=good,rejected=bad" -> {"prompt": "q", ...}; None or "" -> None."""
+    if not spec:
+        return None
+    columns = {}
+    for item in spec.split(","):
+        role, _, name = item.partition("=")
+        if role.strip() not in ROLES or not name.strip():
+            raise DataError(f"--columns {spec}: {item!r} is not ROLE=COLUMN with ROLE one of {', '.join(ROLES)}")
+        columns[role.strip()] = name.strip()
+    return columns
+
+
+def build_pairs(source, tok, *, max_length=2048, max_prompt_length=1024, template="auto", split=None, columns=None):
+    """Read, parse, render, tokenize, filter and truncate every row of `source` into a PairSet."""
+    check_lengths(max_length, max_prompt_length)
     files = resolve_files(source, split)
     stats, pairs, pending, resolved, layout = Counter(), [], [], None, None
 

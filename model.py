@@ -919,9 +919,7 @@ class Transformer(nn.Module):
         count only its real tokens, so every row computes exactly what it would compute alone."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs a non-empty list of non-empty prompts")
-        if not (0.0 < top_p <= 1.0) or temperature < 0:
-            raise ValueError(f"generate() needs 0 < top_p <= 1 and temperature >= 0, got top_p={top_p}, "
-                             f"temperature={temperature}")
+        check_sampling(temperature, top_p)
         c, device = self.config, self.tok_embeddings.weight.device
         B, T0 = len(prompts), max(len(p) for p in prompts)
         T_max = T0 + max_new_tokens
@@ -992,6 +990,13 @@ class Transformer(nn.Module):
     def save_pretrained(self, out_dir: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
         """config.json + safetensors (sharded above max_shard_bytes) that transformers loads."""
         return save_hf_state_dict(dict(self.named_parameters()), self.config, out_dir, max_shard_bytes)
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """The one check of the sampling settings (generate() and eval_rm.py's flag checks call it)."""
+    if not (0.0 < top_p <= 1.0) or not temperature >= 0:
+        raise ValueError(f"sampling needs 0 < top_p <= 1 and temperature >= 0, got top_p={top_p}, "
+                         f"temperature={temperature}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
