@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import data
-from data import DataError, PairBatcher, TokenizedPair, build_pairs, pack_pairs, unpack_batch
+from data import DataError, PairBatcher, TokenizedPair, build_pairs, pack_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -426,6 +426,24 @@ def random_pairs(n, seed=0, vocab=100):
             for _ in range(n)]
 
 
+def unpack_batch(batch):
+    """The pairs a PackedBatch was built from (the inverse of pack_pairs, read back through its targets)."""
+    P, ids = batch.n_pairs, batch.input_ids.cpu()
+    starts = torch.nn.functional.pad(batch.seg_lens.sum(1).cumsum(0), (1, 0)).tolist()
+    pairs = []
+    for i in range(P):
+        if batch.shared_prompt:
+            lp, lc, lr = batch.seg_lens[i].tolist()
+            s = starts[i]
+            p, c, r = ids[s:s + lp], ids[s + lp:s + lp + lc], ids[s + lp + lc:s + lp + lc + lr]
+        else:
+            first_resp = int(batch.tgt_index[(batch.tgt_seq == i) & batch.tgt_response].min()) + 1 - starts[i]
+            seq_c, seq_r = ids[starts[i]:starts[i + 1]], ids[starts[P + i]:starts[P + i + 1]]
+            p, c, r = seq_c[:first_resp], seq_c[first_resp:], seq_r[first_resp:]
+        pairs.append(TokenizedPair(p.numpy().astype(np.int32), c.numpy().astype(np.int32), r.numpy().astype(np.int32)))
+    return pairs
+
+
 def visible_context(batch, row):
     """The tokens row `row` attends to (its segment's earlier tokens, never chosen from rejected), in position
     order (ends with itself)."""
@@ -472,7 +490,8 @@ def test_pack_round_trip_and_layouts_agree(prompt_loss):
     assert shared_b.position_ids[:sum(shared_b.seg_lens[0].tolist())].tolist() == (
         list(range(len(pairs[0].prompt_ids) + len(pairs[0].chosen_ids)))
         + list(range(len(pairs[0].prompt_ids), len(pairs[0].prompt_ids) + len(pairs[0].rejected_ids))))
-    assert shared_b.num_tokens < plain_b.num_tokens and shared_b.cu_seqlens[-1] == shared_b.num_tokens
+    cu_seqlens = torch.nn.functional.pad(shared_b.seg_lens.sum(1).cumsum(0), (1, 0))    # flash-attn's boundaries
+    assert shared_b.num_tokens < plain_b.num_tokens and cu_seqlens[-1] == shared_b.num_tokens
 
 
 # ----------------------------------------------------------------------------- batching
@@ -649,9 +668,8 @@ def test_cli_stats_show_and_help(tmp_path, capsys):
     assert "rows read 50, kept 50" in out and "prompt share" in out and "[PROMPT]<s><|user|>" in out
     named = write(tmp_path / "named.parquet", {"q": ["hi"], "good": ["yes"], "bad": ["no"]})
     assert data.main(["--data", str(named)]) == 2
-    assert "--prompt-column/--chosen-column/--rejected-column" in capsys.readouterr().err   # train.py's names
-    assert data.main(["--data", str(named), "--prompt-column", "q", "--chosen-column", "good",
-                      "--rejected-column", "bad"]) == 0
+    assert "--columns prompt=...,chosen=...,rejected=..." in capsys.readouterr().err   # train.py's names
+    assert data.main(["--data", str(named), "--columns", "prompt=q,chosen=good,rejected=bad"]) == 0
     assert "rows read 1, kept 1" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         data.main(["--help"])
