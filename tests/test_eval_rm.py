@@ -153,7 +153,8 @@ def test_reward_model_learns_synthetic_preferences(tmp_path):
     init = tmp_path / "init"
     model_lib.Transformer(small_config()).save_pretrained(init)
     rm, result = eval_rm.train_reward_model(train, init=str(init), val_pairs=val, out_dir=tmp_path / "rm",
-                                            tokenizer=tok, steps=RM_STEPS, batch_size=32, lr=RM_LR, warmup=10)
+                                            tokenizer=tok, max_steps=RM_STEPS, batch_size=32, lr=RM_LR,
+                                            warmup_steps=10)
     assert result["val_pairs"] == 200
     assert result["val_accuracy"] > RM_MIN_ACCURACY, result     # chance is 0.5; 200 pairs: std 0.035
     reloaded, meta = eval_rm.load_reward_model(tmp_path / "rm")
@@ -198,7 +199,7 @@ def test_report_files_exist_and_parse(setup, tmp_path):
     (["winrate", "--rm", "/no/such/rm", "--policy", "a=POLICY", "--policy", "b=tiny", "--out", "X"], "not a reward model"),
     (["winrate", "--rm", "RM", "--policy", "a=POLICY", "--policy", "b=tiny", "--data", "/no/data.parquet", "--out", "X"],
      "--data: "),
-    (["demo", "--root", "/no/such/out"], "run `python train.py` first"),
+    (["demo", "--root", "/no/such/out"], "run.json not found: run `python train.py --out /no/such/out` first"),
 ])
 def test_cli_errors_are_one_line(setup, tmp_path, capsys, argv, message):
     argv = [{"RM": str(setup["rm_dir"]), "POLICY": str(setup["policy_dir"]), "X": str(tmp_path)}.get(a, a)
@@ -288,7 +289,7 @@ def test_permuted_tokenizer_is_another_vocabulary():
 
 def train_rm_argv(tmp_path, *extra):
     """A train-rm command line small enough for a test: tiny RM, 2 steps of 4 pairs."""
-    return ["train-rm", "--out", str(tmp_path / "rm"), "--steps", "2", "--batch-size", "4", "--warmup", "1",
+    return ["train-rm", "--out", str(tmp_path / "rm"), "--max-steps", "2", "--batch-size", "4", "--warmup-steps", "1",
             "--log-every", "1", "--device", "cpu", *extra]
 
 
@@ -326,16 +327,16 @@ def test_policies_read_prompts_with_their_own_tokenizer(setup, tmp_path):
     assert report["policies"]["b"]["tokenizer"] == str(b_dir)                # b's own, not the RM's
 
 
-def test_real_tokenizer_and_val_data_on_hh_rlhf(shared_data, tmp_path):
+def test_real_tokenizer_and_eval_data_on_hh_rlhf(shared_data, tmp_path):
     """A real checkpoint (stories260K, Llama tokenizer of 512 pieces) reads real HH-RLHF pairs with its own
-    tokenizer, and --val-data measures the held-out accuracy on another file while all of --data trains."""
+    tokenizer, and --eval-data measures the held-out accuracy on another file while all of --data trains."""
     import pyarrow.parquet as pq
     table = pq.read_table(shared_data / "hh-rlhf-harmless-test.parquet").slice(0, 90)
     pq.write_table(table.slice(0, 60), tmp_path / "hh_train.parquet")
     pq.write_table(table.slice(60, 30), tmp_path / "hh_val.parquet")
     stories = shared_data / "models" / "stories260K"
     argv = train_rm_argv(tmp_path, "--init", str(stories), "--data", str(tmp_path / "hh_train.parquet"),
-                         "--val-data", str(tmp_path / "hh_val.parquet"), "--max-length", "256",
+                         "--eval-data", str(tmp_path / "hh_val.parquet"), "--max-length", "256",
                          "--max-prompt-length", "192", "--lr", "1e-4")
     assert eval_rm.main(argv) == 0
     meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
@@ -357,7 +358,7 @@ def test_random_init_policy_cannot_borrow_a_larger_tokenizer(setup, shared_data,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# --data forms, --val-data, and bad options caught before any model is loaded
+# --data forms, --eval-data, and bad options caught before any model is loaded
 
 
 @pytest.fixture
@@ -395,34 +396,40 @@ def test_data_accepts_a_glob_and_a_hub_dataset_id(setup, tmp_path, monkeypatch):
     assert prompts == test_prompts
 
 
-def test_val_data_replaces_the_val_frac_slice(tmp_path):
-    """--val-data: every --data pair trains, the held-out accuracy is measured on --val-data's pairs."""
+def test_eval_data_replaces_the_eval_fraction_slice(tmp_path):
+    """--eval-data: every --data pair trains, the held-out accuracy is measured on --eval-data's pairs."""
     val = data.write_synthetic(tmp_path / "val.parquet", 24, seed=1, split="eval")
-    argv = train_rm_argv(tmp_path, "--data", "synthetic", "--synthetic-pairs", "30", "--val-data", str(val),
-                         "--val-frac", "0.5")
+    train = data.write_synthetic(tmp_path / "train.parquet", 30, seed=0, split="train")
+    argv = train_rm_argv(tmp_path, "--data", str(train), "--tokenizer", "synthetic", "--eval-data", str(val),
+                         "--eval-fraction", "0.5")
     assert eval_rm.main(argv) == 0
     meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
     assert meta["train_pairs"] == 30 and meta["val_pairs"] == 24 and meta["val_data"] == str(val)
     # synthetic held-out pairs are their own set (seed 1, split "eval"), not the training pairs again
-    eval_rm.check_args(eval_rm.build_parser().parse_args(["train-rm", "--out", "x", "--val-data", "synthetic"]))
+    eval_rm.check_args(eval_rm.build_parser().parse_args(["train-rm", "--out", "x", "--eval-data", "synthetic"]))
 
 
 @pytest.mark.parametrize("argv, message", [
     (["train-rm", "--log-every", "0"], "--log-every must be at least 1, got 0"),
-    (["train-rm", "--steps", "0"], "--steps must be at least 1"),
+    (["train-rm", "--max-steps", "0"], "--max-steps must be at least 1"),
     (["train-rm", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["train-rm", "--lr", "0"], "--lr must be positive"),
     (["train-rm", "--lr", "nan"], "--lr must be positive, got nan"),
-    (["train-rm", "--val-frac", "1"], "--val-frac must be in [0, 1)"),
-    (["train-rm", "--val-frac", "-0.1"], "--val-frac must be in [0, 1)"),
-    (["train-rm", "--val-split", "test"], "--val-split names a split of --val-data"),
-    (["train-rm", "--data", "PARQUET", "--val-data", "PARQUET"], "is the training data itself"),
+    (["train-rm", "--eval-fraction", "1"], "--eval-fraction must be in [0, 1)"),
+    (["train-rm", "--eval-fraction", "-0.1"], "--eval-fraction must be in [0, 1)"),
+    (["train-rm", "--eval-split", "test"], "--eval-split test: the synthetic pairs have no splits"),
+    (["train-rm", "--data", "PARQUET", "--eval-data", "PARQUET"], "is the training data itself"),
+    (["train-rm", "--data", "PARQUET", "--eval-split", "test", "--split", "test"], "is the training data itself"),
+    (["train-rm", "--max-prompt-length", "2048"], "need 0 < max_prompt_length (2048) <= max_length (1024)"),
+    (["train-rm", "--template", "/no/such.jinja"], "--template: "),
     (["train-rm", "--data", "PARQUET"], "--init tiny is a random-init preset with no tokenizer"),
     (["train-rm", "--data", "/no/such.parquet", "--tokenizer", "synthetic"], "--data: "),
     (["train-rm", "--init", "/no/such/dir"], "--init /no/such/dir: "),
-    (["winrate", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-    (["winrate", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
-    (["winrate", "--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
+    (["winrate", "--top-p", "0"], "--temperature/--top-p: sampling needs 0 < top_p <= 1 and temperature >= 0, "
+                                  "got top_p=0.0"),
+    (["winrate", "--top-p", "1.5"], "sampling needs 0 < top_p <= 1 and temperature >= 0, got top_p=1.5"),
+    (["winrate", "--temperature", "-1"], "sampling needs 0 < top_p <= 1 and temperature >= 0, got top_p=1.0, "
+                                         "temperature=-1.0"),
     (["winrate", "--n-prompts", "0"], "--n-prompts must be at least 1"),
     (["winrate", "--rounds", "0"], "--rounds must be at least 1"),
     (["winrate", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
@@ -459,3 +466,86 @@ def test_load_prompts_reads_on_past_unusable_rows(tmp_path):
     assert stats["rows"] == 7 and stats["dropped/prompt_too_long"] == 3
     line = eval_rm.prompts_line(tmp_path / "p.parquet", prompts, stats)
     assert "4 usable from the first 7 rows" in line and "3 skipped: prompt_too_long 3" in line
+
+
+def test_eval_split_alone_is_another_split_of_data(tmp_path, monkeypatch):
+    """--eval-split without --eval-data holds out another split of --data, as train.py reads it."""
+    snapshot = fake_hub_cache(monkeypatch, tmp_path / "hub", "dataset", "someone/pairs")
+    (snapshot / "data").mkdir()
+    data.write_synthetic(snapshot / "data" / "train-00000-of-00001.parquet", 20, seed=9, split="train")
+    data.write_synthetic(snapshot / "data" / "test-00000-of-00001.parquet", 8, seed=8, split="eval")
+    argv = train_rm_argv(tmp_path, "--data", "someone/pairs", "--split", "train", "--eval-split", "test",
+                         "--tokenizer", "synthetic")
+    assert eval_rm.main(argv) == 0
+    meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
+    assert meta["train_pairs"] == 20 and meta["val_pairs"] == 8 and meta["val_data"] == "someone/pairs"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The demo: any train.py run, from the OUT/run.json it wrote (written by hand here, as the contract says)
+
+
+def fake_run(root, **run):
+    """An OUT of train.py: synthetic train/eval files, OUT/final (a small model with the synthetic tokenizer) and
+    OUT/run.json with the contract's fields (defaults: the default run's)."""
+    train = data.write_synthetic(root / "data" / "train.parquet", 40, seed=0, split="train")
+    held_out = data.write_synthetic(root / "data" / "eval.parquet", 5, seed=1, split="eval")
+    model_lib.Transformer(small_config()).save_pretrained(root / "final")
+    data.synthetic_tokenizer().save(root / "final")
+    run = {"model": "tiny", "seed": 42, "tokenizer": "synthetic", "template": "auto", "train_data": str(train),
+           "train_split": None, "eval_data": str(held_out), "eval_split": None, "max_length": 2048,
+           "max_prompt_length": 1024, "args": {}, **run}
+    (root / "run.json").write_text(json.dumps(run))
+    return run
+
+
+@pytest.fixture
+def quick_rm(monkeypatch):
+    """The demo trains its RM for the default 300 steps: 2 here."""
+    real = eval_rm.train_reward_model
+    monkeypatch.setattr(eval_rm, "train_reward_model", lambda *a, **kw: real(*a, **{**kw, "max_steps": 2}))
+
+
+def test_demo_runs_from_run_json(tmp_path, capsys, quick_rm):
+    """A weightless preset with another seed: train-rm and winrate from run.json, base re-created from that seed."""
+    run = fake_run(tmp_path, seed=7)
+    assert eval_rm.main(["demo", "--root", str(tmp_path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    commands = [line[len("$ python eval_rm.py "):] for line in out.splitlines() if line.startswith("$ python eval_rm.py")]
+    assert len(commands) == 2
+    for flags in (["--init", "tiny"], ["--init-seed", "7"], ["--data", run["train_data"]], ["--tokenizer", "synthetic"]):
+        assert " ".join(flags) in commands[0], (flags, commands[0])
+    for flags in (["--policy", f"base=tiny"], ["--init-seed", "7"], ["--data", run["eval_data"]],
+                  ["--max-new-tokens", "32"], ["--policy", f"orpo={tmp_path / 'final'}"]):
+        assert " ".join(flags) in commands[1], (flags, commands[1])
+    report = json.loads((tmp_path / "winrate" / "winrates.json").read_text())
+    assert report["settings"]["n_prompts"] == 5 and "oracle" in report and (tmp_path / "rm" / eval_rm.HEAD_FILE).is_file()
+    # the second time the RM is reused
+    assert eval_rm.main(["demo", "--root", str(tmp_path), "--device", "cpu"]) == 0
+    assert "using the reward model in" in capsys.readouterr().out
+
+
+def test_demo_of_a_checkpoint_run_without_held_out_pairs(tmp_path, capsys, quick_rm):
+    """A base checkpoint saved without a tokenizer, read through --tokenizer synthetic, no held-out pairs: the RM
+    gets that tokenizer, the base policy reads with it (--policy-tokenizer), the prompts come from the training
+    data (and a note says so)."""
+    base = model_lib.Transformer(small_config()).save_pretrained(tmp_path / "base")
+    run = fake_run(tmp_path / "out", model=str(base), eval_data=None)
+    assert eval_rm.main(["demo", "--root", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"--init {base} " in out and f"--policy-tokenizer base=synthetic" in out and "--init-seed" not in out
+    assert "the win-rate prompts come from its training data" in out
+    samples = [json.loads(line) for line in (tmp_path / "out" / "winrate" / "samples.jsonl").read_text().splitlines()]
+    train_prompts = {p["text"] for p in eval_rm.load_prompts(run["train_data"], data.synthetic_tokenizer())[0]}
+    assert {s["prompt"] for s in samples} <= train_prompts
+
+
+def test_a_user_error_prints_once_under_torchrun(setup, tmp_path):
+    """Every rank finds the same bad input; only rank 0 says so."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "eval_rm.py"), "winrate", "--rm", str(tmp_path / "no_rm"), "--policy", "a=tiny",
+           "--policy", "b=tiny", "--out", str(tmp_path / "wr"), "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("is not a reward model directory") == 1, proc.stderr[-3000:]
