@@ -1,7 +1,8 @@
 """
-Distributed helpers for train.py: process group setup, rank-0 printing, metric
-reduction, FSDP2 sharding, weight loading after sharding, atomic distributed
-checkpoints and the final Hugging Face export.
+Distributed helpers for train.py and eval_rm.py: process group setup, rank-0 printing,
+the compute dtype and the lr schedule both entry points use, metric reduction, FSDP2
+sharding, weight loading after sharding, atomic distributed checkpoints and the
+Hugging Face export.
 
 The same code path serves three situations:
   python train.py                        one process, no process group, plain module
@@ -10,6 +11,8 @@ The same code path serves three situations:
 
 Style after nanochat (get_dist_info / compute_init / print0) and torchtitan
 (meta device -> fully_shard per block then root -> to_empty -> load weights).
+FSDP2, DTensor and DCP are imported where they are used: torch.distributed.tensor alone takes
+over a second to import, which a command that never shards or checkpoints need not pay.
 """
 import contextlib
 import json
@@ -26,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model import plain_name   # parameter names without the wrappers' prefixes
+from model import plain_name, save_hf_state_dict   # plain_name: parameter names without the wrappers' prefixes
 
 # -----------------------------------------------------------------------------
 # process group
@@ -49,10 +52,6 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def autodetect_device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def compute_init(device_type: str = "auto") -> torch.device:
     """Pick this process's device and, under torchrun, start the process group.
 
@@ -61,7 +60,7 @@ def compute_init(device_type: str = "auto") -> torch.device:
     Without torchrun nothing is initialised and the model stays a plain module.
     """
     if device_type == "auto":
-        device_type = autodetect_device_type()
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but torch sees no CUDA device on this machine")
     is_distributed, rank, local_rank, world_size = get_dist_info()
@@ -113,7 +112,6 @@ def lr_lambda(schedule: str, warmup: int, total_steps: int):
             return 1.0 / math.sqrt((step - warmup + timescale) / timescale)
         return 1.0
     return f
-
 
 
 # -----------------------------------------------------------------------------
@@ -215,13 +213,6 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
         raise ValueError(f"{where} is missing {len(missing)} parameter(s), e.g. {missing[:3]}")
 
 
-def load_sharded_weights(model: nn.Module, ckpt_dir, config) -> None:
-    """Stream an HF safetensors checkpoint into a (sharded, materialised) model, one tensor at a time."""
-    import model as model_lib
-
-    load_weights(model, model_lib.iter_hf_tensors(ckpt_dir, config), where=str(ckpt_dir))
-
-
 def materialize(model: nn.Module, device: torch.device) -> None:
     """Allocate storage for a meta-device (possibly sharded) model on `device`, uninitialised.
 
@@ -270,10 +261,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, tra
     (atomic on POSIX) and rewrites `latest` (atomically, via os.replace). A crash at any
     point leaves either the old checkpoint or the new one, never a half-written one
     under a final name; leftover tmp-* dirs are ignored by load and cleaned up here.
-    Then older checkpoints of the same run (trainer_state["run_id"]) are pruned to `keep`.
+    Then older checkpoints of the same run (trainer_state["run_id"]) are pruned to `keep` (>= 1).
     """
-    if keep < 1:
-        raise ValueError(f"keep={keep}: at least the checkpoint just written is kept")
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -348,17 +337,14 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer) -> dict:
 
     Only on the world size that wrote the checkpoint: DCP could reshard the weights, but the data
     order (batch b goes to rank b % world_size) and the per-rank RNG states could not follow, so the
-    run would not continue its trajectory. train.py checks this up front, with a clearer message.
+    run would not continue its trajectory. train.py checks this up front.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    _, rank, _, world_size = get_dist_info()
+    _, rank, _, _ = get_dist_info()
     ckpt_dir = Path(ckpt_dir)
     trainer_state = read_trainer_state(ckpt_dir)
-    if trainer_state["world_size"] != world_size:
-        raise ValueError(f"{ckpt_dir} was written by {trainer_state['world_size']} ranks, this run has {world_size}: "
-                         "resume needs the same number of ranks")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with _single_process_quiet():
@@ -389,15 +375,13 @@ def export_hf(model: nn.Module, config, tokenizer, out_dir: Path) -> Path:
     A collective (the gather); only rank 0 writes. Written to a tmp dir then renamed,
     so a reader never sees half an export.
     """
-    import model as model_lib
-
     out_dir = Path(out_dir)
     sd = full_state_dict(model)
     if is_master():
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        model_lib.save_hf_state_dict(sd, config, tmp)
+        save_hf_state_dict(sd, config, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -3,10 +3,10 @@
 ORPO aligns a language model in one stage, with no reference model. For a prompt x with a chosen
 answer y_w and a rejected answer y_l it adds to the ordinary SFT loss a penalty on the log odds ratio:
 
-    log P(y|x)   = (1/m) sum_t log P(y_t | x, y_<t)           eq. 3   -> average_logps
+    log P(y|x)   = (1/m) sum_t log P(y_t | x, y_<t)           eq. 3   -> mean_logps, average_logps
     odds(y|x)    = P(y|x) / (1 - P(y|x))                       eq. 4   -> log_odds_ratio
     OR(y_w, y_l) = odds(y_w|x) / odds(y_l|x)                   eq. 5   -> log_odds_ratio
-    L_OR         = -log sigmoid(log OR(y_w, y_l))              eq. 7   -> orpo_loss
+    L_OR         = -log sigmoid(log OR(y_w, y_l))              eq. 7   -> odds_ratio_loss
     L_ORPO       = E[L_SFT + lambda * L_OR]                    eq. 6   -> orpo_loss
 
 L_SFT is the usual token-level negative log-likelihood of the *chosen* sequence only: the model is
@@ -24,6 +24,8 @@ Three numerical traps that public implementations fall into are avoided here:
   * summing thousands of log-probs in bfloat16 loses the answer: everything here runs in float32 or
     wider, whatever the logits' dtype.
 
+Two ways in: orpo_loss for one batch (eq. 3 by average_logps on padded logits), or the per-pair L_OR of
+odds_ratio_loss to weight the terms yourself, as train.py does over micro-batches and ranks (mean_logps).
 This file depends on torch alone and has no side effects: copy it into your own trainer.
 """
 import math
@@ -32,21 +34,36 @@ import torch
 import torch.nn.functional as F
 
 
+def wide(x):
+    """x in float32, or wider if it already is (never bf16/fp16)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def mean_logps(token_logps, seq, n_seqs):
+    """eq. 3: the mean of the token log-probs of each of n_seqs sequences. token_logps (R,) are the labelled
+    tokens of all sequences in any order, seq (R,) the sequence each belongs to -> (n_seqs,) float32 or wider.
+    A sequence with no token gets NaN (0 / 0), since its average is undefined."""
+    token_logps = wide(token_logps)
+    sums = token_logps.new_zeros(n_seqs).index_add(0, seq, token_logps)
+    counts = token_logps.new_zeros(n_seqs).index_add(0, seq, torch.ones_like(token_logps))
+    return sums / counts
+
+
 def average_logps(logits, labels, ignore_index=-100):
-    """eq. 3: the mean log-prob of each row's labelled tokens. logits (B, T, V), labels (B, T) -> (B,) float32.
+    """eq. 3 on a padded batch: the mean log-prob of each row's labelled tokens. (B, T, V), (B, T) -> (B,).
 
     `labels` are aligned with the input ids as in Hugging Face: position t is predicted by the logits at
     t - 1, so the shift happens here. Positions equal to ignore_index (the prompt, padding) are skipped.
-    A row with no labelled token gets NaN, since its average is undefined.
     """
     logits, labels = logits[:, :-1], labels[:, 1:]                      # (B, T-1, V), (B, T-1)
     # cross_entropy = log_softmax + gather in one call, in float32 (bf16 log-probs would round away the
     # differences eq. 6 is about); autograd keeps one float32 (B, V, T-1) log-softmax for the backward,
-    # which model.token_logps avoids by chunking. Ignored positions come back as 0
+    # which train.py's packed step avoids with a chunked lm_head (model.token_logps)
     token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels,
                                    ignore_index=ignore_index, reduction="none")  # (B, T-1)
-    n_tokens = (labels != ignore_index).sum(-1)                          # (B,)
-    return token_logps.sum(-1) / n_tokens
+    keep = labels != ignore_index                                        # (B, T-1)
+    row = torch.arange(len(labels), device=labels.device)[:, None].expand_as(labels)
+    return mean_logps(token_logps[keep], row[keep], len(labels))
 
 
 def log1mexp(x):
@@ -65,9 +82,27 @@ def log1mexp(x):
 
 def log_odds_ratio(chosen_logps, rejected_logps):
     """eqs. 4-5 in log space: log odds(y_w|x) - log odds(y_l|x), with log odds = log P - log(1 - P). -> (B,)"""
-    dtype = torch.promote_types(chosen_logps.dtype, torch.float32)      # never bf16/fp16
-    chosen_logps, rejected_logps = chosen_logps.to(dtype), rejected_logps.to(dtype)
+    chosen_logps, rejected_logps = wide(chosen_logps), wide(rejected_logps)
     return (chosen_logps - log1mexp(chosen_logps)) - (rejected_logps - log1mexp(rejected_logps))
+
+
+def odds_ratio_loss(chosen_logps, rejected_logps):
+    """eq. 7 per pair: L_OR = -logsigmoid(log OR), (B,), and per-pair metrics: detached (B,) tensors, with
+    their names in TRL's ORPOTrainer (whose beta is our lam) once averaged:
+      or_loss         L_OR                                       TRL "log_odds_ratio" is its negative
+      log_odds        log OR, eq. 5                              TRL "log_odds_chosen"
+      chosen_logps    log P(y_w|x), eq. 3                        TRL "logps/chosen"
+      rejected_logps  log P(y_l|x)                               TRL "logps/rejected"
+      reward_acc      1 where log P(y_w|x) > log P(y_l|x)         TRL "rewards/accuracies"
+      reward_margin   log P(y_w|x) - log P(y_l|x)                TRL "rewards/margins" is beta times this
+    """
+    log_odds = log_odds_ratio(chosen_logps, rejected_logps)            # (B,)
+    or_losses = -F.logsigmoid(log_odds)                                 # (B,) eq. 7, never log(sigmoid)
+    chosen, rejected = wide(chosen_logps.detach()), wide(rejected_logps.detach())
+    metrics = {"or_loss": or_losses.detach(), "log_odds": log_odds.detach(), "chosen_logps": chosen,
+               "rejected_logps": rejected, "reward_acc": (chosen > rejected).to(chosen.dtype),
+               "reward_margin": chosen - rejected}
+    return or_losses, metrics
 
 
 def orpo_loss(chosen_logps, rejected_logps, chosen_nll, lam=0.1):
@@ -76,30 +111,10 @@ def orpo_loss(chosen_logps, rejected_logps, chosen_nll, lam=0.1):
     chosen_logps, rejected_logps: (B,) average log-probs of the responses (eq. 3, see average_logps).
     chosen_nll: L_SFT, a scalar or (B,) per-example values that are averaged.
     lam = 0 gives plain SFT, the paper's baseline. To accumulate gradients over micro-batches exactly,
-    weight each micro-batch's loss by its share of the pairs (and its NLL by its share of the tokens).
-
-    metrics: detached 0-d tensors, with their names in TRL's ORPOTrainer (whose beta is our lam):
-      nll             L_SFT                                     TRL "nll_loss"
-      or_loss         mean of L_OR = -logsigmoid(log OR)         TRL "log_odds_ratio" is its negative
-      log_odds        mean of log OR, eq. 5                      TRL "log_odds_chosen"
-      chosen_logps    mean of log P(y_w|x), eq. 3                TRL "logps/chosen"
-      rejected_logps  mean of log P(y_l|x)                       TRL "logps/rejected"
-      reward_acc      fraction of pairs with log P(y_w|x) > log P(y_l|x)    TRL "rewards/accuracies"
-      reward_margin   mean of log P(y_w|x) - log P(y_l|x)        TRL "rewards/margins" is beta times this
+    weight the terms yourself instead (L_OR per pair from odds_ratio_loss; see train.py's train_step).
+    metrics: detached 0-d tensors, "nll" (L_SFT, TRL "nll_loss") and the means of odds_ratio_loss's.
     """
-    log_odds = log_odds_ratio(chosen_logps, rejected_logps)            # (B,)
-    or_losses = -F.logsigmoid(log_odds)                                 # (B,) eq. 7, never log(sigmoid)
-    nll = torch.as_tensor(chosen_nll, device=log_odds.device)
-    nll = nll.to(torch.promote_types(nll.dtype, torch.float32)).mean()
+    or_losses, per_pair = odds_ratio_loss(chosen_logps, rejected_logps)
+    nll = wide(torch.as_tensor(chosen_nll, device=or_losses.device)).mean()
     loss = nll + lam * or_losses.mean()                                 # eq. 6
-    chosen, rejected = chosen_logps.detach().float(), rejected_logps.detach().float()
-    metrics = {
-        "nll": nll.detach(),
-        "or_loss": or_losses.detach().mean(),
-        "log_odds": log_odds.detach().mean(),
-        "chosen_logps": chosen.mean(),
-        "rejected_logps": rejected.mean(),
-        "reward_acc": (chosen > rejected).float().mean(),
-        "reward_margin": (chosen - rejected).mean(),
-    }
-    return loss, metrics
+    return loss, {"nll": nll.detach(), **{k: v.mean() for k, v in per_pair.items()}}

@@ -6,20 +6,13 @@ Train a causal language model with ORPO (Hong, Lee & Thorne, 2024, arXiv 2403.07
     torchrun --nproc_per_node 4 train.py --model mistral-7b --data uf.parquet --lam 0.1      # FSDP2, 4 GPUs
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
 
-One optimizer step, as in torchtitan (early 2025):
-  1. take grad_accum packed micro-batches (data.py: chosen and rejected of P pairs in ONE flat stream,
-     no padding), count their pairs and NLL tokens, and all-reduce the counts over the ranks;
-  2. per micro-batch, ONE forward: hidden = model.packed_hidden(...), the target log-probs from a
-     chunked lm_head (model.token_logps), the eq. 3 average log-prob of every response, the chosen
-     NLL, and orpo.orpo_loss; each micro-batch loss is weighted by its share of the global counts so
-     that the accumulated gradient is exactly the gradient of one big batch; backward;
-  3. clip the grad norm, skip the step if anything is NaN/inf, AdamW, lr schedule;
-  4. log metrics reduced over ranks; every N steps eval / checkpoint.
-The model is built on the meta device, sharded with FSDP2 (dist.py), materialised, then loaded
-tensor by tensor, so that no rank ever holds the whole model in host memory.
+One optimizer step is one call of train_step (as in torchtitan): grad_accum packed micro-batches (data.py), each
+ONE forward, the eq. 3 averages, L_OR per pair (orpo.py), the loss as eq. 6 reads, backward; then clip, skip the
+update if anything is NaN/inf, AdamW, schedule. Trainer.fit runs, logs, evaluates and checkpoints the steps. The model
+is built on the meta device, sharded with FSDP2 (dist.py), materialised, then loaded tensor by tensor.
 """
 import argparse
-import dataclasses
+import itertools
 import json
 import math
 import os
@@ -34,14 +27,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import data
 import dist
+import model as model_lib
 import orpo
 from dist import print0
 
 TINY_LR = 1e-3            # lr for the tiny from-scratch preset; the paper's 5e-6 is for fine-tuning 7B models
 PAPER_LR = 5e-6           # official Mistral-ORPO scripts
-SYNTHETIC_TRAIN_PAIRS = 2000
-SYNTHETIC_EVAL_PAIRS = 200
+MAX_BAD_STEPS = 5         # consecutive NaN/inf steps (each skipped) before the run stops
 
 
 class UserError(ValueError):
@@ -52,17 +46,17 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
+# bad input is the same on every rank, so under torchrun rank 0 alone says it
+BAD_INPUT = (UserError, data.DataError, model_lib.CheckpointError, model_lib.ModelConfigError)
+
+
 # -----------------------------------------------------------------------------
 # command line
 
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show every default, except the "None" of flags whose help explains their (model-dependent) default."""
-
-    def _get_help_string(self, action):
-        if action.default is None and "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+    def _get_help_string(self, action):   # every default, but no "None" where the help explains a model-dependent one
+        explained = action.default is None and "default" in (action.help or "")
+        return action.help if explained else super()._get_help_string(action)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,40 +68,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype; auto = bfloat16 on CUDA, float32 on CPU (master weights are always float32)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    g.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "varlen", "flex"],
-                   help="attention kernel; auto = flash-attn, else torch varlen, else SDPA. flash, varlen (torch "
-                        ">= 2.10) and flex (torch.compile'd flex_attention, opt-in) need CUDA")
+    g.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "varlen"],
+                   help="attention kernel; auto = flash-attn, else torch varlen, else SDPA; all but sdpa need CUDA")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    g.add_argument("--model-config", default=None, help=argparse.SUPPRESS)  # JSON overrides of a preset (tests)
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None,
-                   help="training pairs: parquet file, folder, glob or Hub dataset id (with --split); "
-                        "default: data.py's synthetic set, written to OUT/data/")
+    g.add_argument("--data", default=None, help="training pairs: parquet file, folder, glob or Hub dataset id "
+                                                "(with --split); default: data.py's synthetic set, in OUT/data/")
     g.add_argument("--split", default=None, help="split of --data to train on, when it has several")
-    g.add_argument("--eval-data", default=None,
-                   help="held-out pairs for eval: parquet file, folder, glob or Hub dataset id (a Hub id, or a "
-                        "folder of several splits, needs --eval-split)")
+    g.add_argument("--eval-data", default=None, help="held-out pairs for eval, in the forms of --data (a Hub id, "
+                                                     "or a folder of several splits, needs --eval-split)")
     g.add_argument("--eval-split", default=None,
                    help="split to evaluate on (e.g. test_prefs): of --eval-data when given, else of --data")
-    g.add_argument("--eval-fraction", type=float, default=0.05,
-                   help="without --eval-data/--eval-split: hold out this fraction of the training pairs, 0 <= f < 1 "
-                        "(the synthetic default uses a separate held-out synthetic set instead)")
+    g.add_argument("--eval-fraction", type=float, default=0.05, help="without --eval-data/--eval-split: hold out "
+                   "this fraction of the training pairs (the synthetic default has a held-out set of its own)")
     g.add_argument("--tokenizer", default=None, help="tokenizer dir; default: the model's (synthetic for tiny)")
     g.add_argument("--template", default="auto",
                    help="auto (raw text for HH-RLHF, else the tokenizer's chat template or Zephyr's) | zephyr | raw | a .jinja file")
-    g.add_argument("--prompt-column", default=None, help="column holding the prompt (or the conversation)")
-    g.add_argument("--chosen-column", default=None, help="column holding the chosen response")
-    g.add_argument("--rejected-column", default=None, help="column holding the rejected response")
-    g.add_argument("--conversations-column", default=None, help="column holding a ShareGPT conversation")
+    g.add_argument("--columns", default=None,
+                   help="the data's column names, e.g. prompt=question,chosen=good,rejected=bad or "
+                        "conversations=turns (ShareGPT); default: the layouts' usual names")
     g.add_argument("--max-length", type=int, default=2048, help="max tokens of prompt + response (paper: 2048 UltraFeedback, 1024 HH-RLHF)")
     g.add_argument("--max-prompt-length", type=int, default=1024, help="pairs with longer prompts are dropped (paper)")
     g.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="include prompt tokens in L_SFT, as the official code and TRL do")
     g.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=True,
                    help="pack [prompt|chosen|rejected] with the prompt computed once (same loss, fewer tokens)")
-    g.add_argument("--synthetic-pairs", type=int, default=SYNTHETIC_TRAIN_PAIRS, help="size of the synthetic train set")
+    g.add_argument("--synthetic-pairs", type=int, default=2000, help="size of the synthetic train set")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lam", type=float, default=0.1, help="lambda, weight of L_OR (paper: 0.1 Mistral, 0.2 Llama-2, 0.25 Phi-2); 0 = plain SFT")
@@ -126,14 +114,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="after warmup: cosine to 0 (paper, Appendix C), inverse_sqrt (official scripts) or constant; "
                         "all three as transformers' get_*_schedule")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official scripts: 0)")
-    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
-    g.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 disables clipping")
-    g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many consecutive NaN/inf steps")
     g.add_argument("--seed", type=int, default=42, help="seed of the random init (tiny) and of the data order")
 
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="out", help="output dir: metrics.jsonl, ckpt/, best/, final/, data/")
+    g.add_argument("--out", default="out", help="output dir: metrics.jsonl, run.json, ckpt/, best/, final/, data/")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/latest exactly (same data order, RNG)")
     g.add_argument("--save-every", type=int, default=None,
                    help="checkpoint every N steps (and at the end); default 500, 50 for tiny; 0 = only at the end")
@@ -142,32 +127,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep (at least 1)")
     g.add_argument("--no-export", action="store_true", help="skip the final HF export (and the best/ export)")
     args = p.parse_args(argv)
-    apply_preset_defaults(args)
-    return args
-
-
-def apply_preset_defaults(args: argparse.Namespace) -> None:
-    """Fill the defaults that depend on the model: the tiny preset trains from scratch in under a minute,
-    the real presets fine-tune 7B models with the official Mistral-ORPO recipe."""
+    # the defaults that depend on the model: the tiny preset trains from scratch in under a minute,
+    # the others fine-tune with the official Mistral-ORPO recipe
     tiny = args.model == "tiny"
-    defaults = dict(lr=TINY_LR if tiny else PAPER_LR, epochs=3 if tiny else 5,
-                    batch_size=16 if tiny else 32, warmup_steps=10 if tiny else 200,
-                    save_every=50 if tiny else 500, eval_every=50 if tiny else 500)
+    defaults = dict(lr=TINY_LR if tiny else PAPER_LR, epochs=3 if tiny else 5, batch_size=16 if tiny else 32,
+                    warmup_steps=10 if tiny else 200, save_every=50 if tiny else 500, eval_every=50 if tiny else 500)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    return args
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse impossible numbers before any work, in one sentence naming the flag: otherwise they fail late
-    (--grad-accum 0 divides by zero, --log-every 0 after the first step) or quietly do something else."""
+def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, dict | None]:
+    """Every check of the flags, before any work, in one sentence naming the flag: else they fail late (--grad-accum 0
+    divides by zero) or quietly do something else. (The two that need the model's config are in check_model.)
+    Returns the checkpoint to resume from and its trainer state, or (None, None) for a fresh start."""
     at_least = {"--grad-accum": (args.grad_accum, 1), "--log-every": (args.log_every, 1),
-                "--max-bad-steps": (args.max_bad_steps, 1), "--keep-checkpoints": (args.keep_checkpoints, 1),
-                "--batch-size": (args.batch_size, 1), "--max-tokens": (args.max_tokens, 1),
-                "--max-steps": (args.max_steps, 1), "--synthetic-pairs": (args.synthetic_pairs, 1),
-                "--max-length": (args.max_length, 1), "--max-prompt-length": (args.max_prompt_length, 1),
-                "--warmup-steps": (args.warmup_steps, 0), "--save-every": (args.save_every, 0),
-                "--eval-every": (args.eval_every, 0)}
+                "--keep-checkpoints": (args.keep_checkpoints, 1), "--batch-size": (args.batch_size, 1),
+                "--max-tokens": (args.max_tokens, 1), "--max-steps": (args.max_steps, 1),
+                "--synthetic-pairs": (args.synthetic_pairs, 1), "--warmup-steps": (args.warmup_steps, 0),
+                "--save-every": (args.save_every, 0), "--eval-every": (args.eval_every, 0)}
     for flag, (value, low) in at_least.items():
         if value is not None and value < low:
             off = " (0 = only at the end)" if low == 0 and flag != "--warmup-steps" else ""
@@ -178,12 +157,9 @@ def check_args(args: argparse.Namespace) -> None:
               "--lam": (args.lam, 0 <= args.lam < math.inf, "a number >= 0"),
               "--grad-clip": (args.grad_clip, 0 <= args.grad_clip < math.inf, "a number >= 0 (0 = no clipping)"),
               "--weight-decay": (args.weight_decay, 0 <= args.weight_decay < math.inf, "a number >= 0"),
-              "--beta1": (args.beta1, 0 <= args.beta1 < 1, "in [0, 1)"),
-              "--beta2": (args.beta2, 0 <= args.beta2 < 1, "in [0, 1)"),
               "--eval-fraction": (args.eval_fraction, 0 <= args.eval_fraction < 1,
-                                  "in [0, 1): the share of the training pairs held out for eval")}
-    if args.warmup_ratio is not None:
-        ranges["--warmup-ratio"] = (args.warmup_ratio, 0 <= args.warmup_ratio <= 1, "in [0, 1]")
+                                  "in [0, 1): the share of the training pairs held out for eval"),
+              "--warmup-ratio": (args.warmup_ratio, 0 <= (args.warmup_ratio or 0) <= 1, "in [0, 1]")}
     for flag, (value, ok, what) in ranges.items():
         if not ok:
             raise UserError(f"{flag} {value}: must be {what}")
@@ -191,82 +167,84 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--split {args.split} needs --data (the synthetic default has no splits)")
     if args.eval_split is not None and args.data is None and args.eval_data is None:
         raise UserError(f"--eval-split {args.eval_split} needs --data or --eval-data (the synthetic default has no splits)")
+    if args.max_tokens is None and args.batch_size % (world_size * args.grad_accum):
+        raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of "
+                        f"world size {world_size} x --grad-accum {args.grad_accum}")
+    data.check_lengths(args.max_length, args.max_prompt_length)
+    data.parse_columns(args.columns)
+    try:
+        data.check_template(args.template)
+    except FileNotFoundError as e:
+        raise UserError(f"--template: {e}") from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    latest = dist.find_latest_checkpoint(out / "ckpt")
+    saved = None if latest is None else dist.read_trainer_state(latest)
+    if saved and not args.resume:   # a fresh start beside another run's checkpoints would mix them (pruning, latest)
+        raise UserError(f"--out {out} already holds checkpoints of an earlier run (step {saved['step']}); "
+                        f"pass --resume to continue it, or choose another --out")
+    # DCP could reshard the weights, but the data order (batch b goes to rank b % world_size) and the
+    # per-rank RNG states could not follow: the run would not continue its trajectory
+    if saved and saved["world_size"] != world_size:
+        raise UserError(f"resume needs the same number of ranks: the checkpoint was written by "
+                        f"{saved['world_size']}, this run has {world_size}")
+    if args.resume and not saved:
+        print0(f"--resume: no checkpoint in {out / 'ckpt'}, starting from scratch")
+    return latest, saved
+
+
+def check_model(args, config, device, compute_dtype) -> None:
+    """The flag checks that need the model's config: the kernel runs here, the model has enough positions."""
+    if args.attention != "auto":
+        try:
+            model_lib.pick_attention(args.attention, device, compute_dtype, config.sliding_window)
+        except RuntimeError as e:
+            hint = " (pip install -r requirements-gpu.txt)" if args.attention == "flash" else ""
+            raise UserError(f"--attention {args.attention}: {e}{hint}; use --attention auto or sdpa") from None
+    if config.positions == "learned" and args.max_length > config.max_seq_len:
+        raise UserError(f"--max-length {args.max_length} is longer than the {config.max_seq_len} positions "
+                        f"{args.model} has learned; use --max-length {config.max_seq_len} or less")
 
 
 # -----------------------------------------------------------------------------
-# model
-
-
-def resolve_model(name: str, overrides: str | None):
-    """model.resolve_model, with the hidden --model-config overrides of a weightless preset (tests)."""
-    import model as model_lib
-
-    config, ckpt_dir = model_lib.resolve_model(name)
-    if overrides:
-        if ckpt_dir is not None:
-            raise UserError("--model-config only applies to presets without a checkpoint (tiny)")
-        try:
-            o = json.loads(overrides)
-        except json.JSONDecodeError:
-            o = None
-        if not isinstance(o, dict):
-            raise UserError(f"--model-config {overrides}: not a JSON object of ModelConfig fields")
-        unknown = sorted(set(o) - {f.name for f in dataclasses.fields(config)})
-        if unknown:
-            raise UserError(f"--model-config: ModelConfig has no field {unknown[0]!r}")
-        if config.embed_dim == config.dim:
-            o.setdefault("embed_dim", o.get("dim", config.dim))
-        if config.head_dim == config.dim // config.n_heads:
-            o.setdefault("head_dim", o.get("dim", config.dim) // o.get("n_heads", config.n_heads))
-        config = dataclasses.replace(config, **o)
-    return config, ckpt_dir
-
+# model, tokenizer, data
 
 def build_model(args, config, ckpt_dir, device, compute_dtype):
-    """meta device -> (compile, activation checkpointing) -> FSDP2 -> to_empty -> load weights."""
-    import model as model_lib
-
+    """meta device -> (compile, activation checkpointing) -> FSDP2 -> to_empty -> weights, one tensor at a time."""
     with torch.device("meta"):
         model = model_lib.Transformer(config, attention=args.attention)
     if args.compile:
         for block in model.layers:
             block.compile()
-    fsdp_dtype = compute_dtype if compute_dtype != torch.float32 else None
-    model = dist.shard_model(model, param_dtype=fsdp_dtype, reduce_dtype=torch.float32,
-                             activation_checkpointing=args.activation_checkpointing)
+    model = dist.shard_model(model, param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                             reduce_dtype=torch.float32, activation_checkpointing=args.activation_checkpointing)
     dist.materialize(model, device)
     if ckpt_dir is None:
-        dist.load_weights(model, model_lib.random_init_tensors(config, args.seed), where=f"random init of --model {args.model}")
+        dist.load_weights(model, model_lib.random_init_tensors(config, args.seed), f"random init of {args.model}")
     else:
-        dist.load_sharded_weights(model, ckpt_dir, config)
+        dist.load_weights(model, model_lib.iter_hf_tensors(ckpt_dir, config), str(ckpt_dir))
     # model.py keeps no buffers (RoPE tables are computed per forward), so nothing else is left
     # uninitialised by to_empty; a tied lm_head shares the embedding's (sharded) parameter
     assert not config.tie_embeddings or model.lm_head.weight is model.tok_embeddings.weight
     return model
 
 
-# -----------------------------------------------------------------------------
-# data
-
-
-def load_data(args, tok, rank: int, world_size: int):
-    """Train and eval PairSets (tokenized, filtered, with counts of what was dropped and why)."""
-    import data as data_lib
-
-    columns = {k: v for k, v in dict(prompt=args.prompt_column, chosen=args.chosen_column, rejected=args.rejected_column,
-                                        conversations=args.conversations_column).items() if v}
+def load_data(args, tok, ckpt_dir, rank: int, resumed: bool):
+    """Train and eval pairs (PairSets: tokenized, filtered, with counts of what was dropped and why). Writes the
+    synthetic default's files under OUT/data/ and, once the sources are read, OUT/run.json (at a fresh start)."""
     kw = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-              template=args.template, columns=columns or None)
+              template=args.template, columns=data.parse_columns(args.columns))
     train_src, eval_src = args.data, args.eval_data
     if train_src is None:  # the embedded default: synthetic pairs with a held-out synthetic eval set
-        data_dir = Path(args.out) / "data"
-        train_src = data_dir / f"synthetic_train_{args.synthetic_pairs}.parquet"
+        folder = Path(args.out) / "data"
+        train_src = folder / f"synthetic_train_{args.synthetic_pairs}.parquet"
         if rank == 0 and not train_src.exists():
-            data_lib.write_synthetic(train_src, args.synthetic_pairs, seed=0, split="train")
+            data.write_synthetic(train_src, args.synthetic_pairs, seed=0, split="train")
         if eval_src is None:
-            eval_src = data_dir / "synthetic_eval.parquet"
+            eval_src = folder / "synthetic_eval.parquet"
             if rank == 0 and not eval_src.exists():
-                data_lib.write_synthetic(eval_src, SYNTHETIC_EVAL_PAIRS, seed=1, split="eval")
+                data.write_synthetic(eval_src, 200, seed=1, split="eval")
         dist.barrier()
     elif eval_src is None and args.eval_split is not None:
         eval_src = train_src       # another split of the training source
@@ -274,205 +252,139 @@ def load_data(args, tok, rank: int, world_size: int):
     if eval_src is not None:
         # --eval-split names the split of whichever source the eval pairs come from (a Hub id needs one)
         evals = read_pairs("eval", eval_src, args.eval_split, tok, kw)
-    elif args.eval_fraction > 0:
-        train, evals = hold_out(train, args.eval_fraction, args.seed)
+    elif args.eval_fraction > 0:   # a fixed random fraction, the same on every rank (seeded)
+        n_eval = max(1, round(len(train) * args.eval_fraction))
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        train, evals = [train[i] for i in perm[n_eval:]], [train[i] for i in perm[:n_eval]]
         print0(f"eval: held out {len(evals)} of the training pairs (--eval-fraction {args.eval_fraction})")
     else:
         evals = []
     if len(train) == 0:
         raise UserError(f"--data {train_src}: no usable pairs after filtering")
+    run_json = Path(args.out) / "run.json"   # what eval_rm.py needs to evaluate this run (`eval_rm.py demo --root OUT`)
+    if rank == 0 and not (resumed and run_json.exists()):
+        run = {"model": args.model, "seed": args.seed,
+               # the tokenizer this run read text with; null = the --model checkpoint's own
+               "tokenizer": args.tokenizer or ("synthetic" if ckpt_dir is None else None), "template": args.template,
+               "train_data": str(train_src), "train_split": args.split,
+               # null: the eval pairs were held out of the training pairs (or there are none)
+               "eval_data": None if eval_src is None else str(eval_src), "eval_split": args.eval_split,
+               "max_length": args.max_length, "max_prompt_length": args.max_prompt_length, "args": vars(args)}
+        run_json.write_text(json.dumps(run, indent=1) + "\n")
     return train, evals
 
 
 def read_pairs(name: str, source, split, tok, kw):
     """data.build_pairs for the train or eval pairs, its one-sentence errors saying which of the two."""
-    import data as data_lib
-
     try:
-        pairs = data_lib.build_pairs(source, tok, split=split, **kw)
+        pairs = data.build_pairs(source, tok, split=split, **kw)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"{name} data: {e}") from None
-    report_stats(name, source if split is None else f"{source} [{split}]", pairs)
+    print0(f"{name}: {len(pairs)} pairs from {source}" + ("" if split is None else f" [{split}]")
+           + (f" ({data.stats_line(pairs.stats)})" if pairs.stats else ""))
     return pairs
 
 
-def hold_out(pairs, fraction: float, seed: int):
-    """Split off a fixed random fraction of the pairs (same on every rank: seeded)."""
-    n_eval = max(1, int(round(len(pairs) * fraction)))
-    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [pairs[i] for i in perm[n_eval:]], [pairs[i] for i in perm[:n_eval]]
-
-
-def report_stats(name, source, pairs) -> None:
-    import data as data_lib
-    stats = getattr(pairs, "stats", None)
-    print0(f"{name}: {len(pairs)} pairs from {source}" + (f" ({data_lib.stats_line(stats)})" if stats else ""))
-
-
 def make_batchers(args, train_pairs, eval_pairs, rank: int, world_size: int):
-    """(train batcher, eval batcher or None, optimizer steps per epoch).
-
-    --batch-size is global: each rank packs batch / (world * accum) pairs per micro-batch. Batch b of an
-    epoch goes to rank b % world_size, so a 2-rank run sees the same global batches as a 1-rank run
-    with twice the grad_accum.
-    """
-    import data as data_lib
-
-    if args.max_tokens is None:
-        per_micro = args.batch_size // (world_size * args.grad_accum)
-        if per_micro * world_size * args.grad_accum != args.batch_size or per_micro == 0:
-            raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of "
-                            f"world size {world_size} x --grad-accum {args.grad_accum}")
-        size = dict(batch_size=per_micro)
-    else:
-        size = dict(max_tokens=args.max_tokens)
+    """(train batcher, eval batcher or None, optimizer steps per epoch). --batch-size is global: batch b of an epoch
+    goes to rank b % world_size, so 2 ranks see the same global batches as 1 rank with twice the grad_accum."""
+    size = (dict(batch_size=args.batch_size // (world_size * args.grad_accum)) if args.max_tokens is None
+            else dict(max_tokens=args.max_tokens))
     kw = dict(seed=args.seed, rank=rank, world_size=world_size, shared_prompt=args.shared_prompt,
               prompt_loss=args.prompt_loss, **size)
-    batcher = data_lib.PairBatcher(train_pairs, grad_accum=args.grad_accum, **kw)
+    batcher = data.PairBatcher(train_pairs, grad_accum=args.grad_accum, **kw)
     info = batcher.epoch_info(0)
     if info["pairs_dropped"]:
         print0(f"train: {info['pairs_dropped']} pairs per epoch left out so that every rank gets the same "
                f"number of micro-batches (a different remainder each epoch)")
-    eval_batcher = None
-    if len(eval_pairs):
-        eval_batcher = data_lib.PairBatcher(eval_pairs, **kw)
-        dropped = eval_batcher.epoch_info(0)["pairs_dropped"]
-        if dropped:
-            print0(f"eval: {dropped} of the eval pairs left out to give every rank the same batches")
+    eval_batcher = data.PairBatcher(eval_pairs, **kw) if len(eval_pairs) else None
+    if eval_batcher is not None and (dropped := eval_batcher.epoch_info(0)["pairs_dropped"]):
+        print0(f"eval: {dropped} of the eval pairs left out to give every rank the same batches")
     return batcher, eval_batcher, info["batches_per_rank"] // args.grad_accum
-
-
-def load_tokenizer(args, ckpt_dir):
-    import data as data_lib
-
-    if args.tokenizer:
-        return data_lib.load_tokenizer(args.tokenizer)
-    if ckpt_dir is None:                  # a random-init preset: the synthetic tokenizer (vocab <= 512)
-        return data_lib.synthetic_tokenizer()
-    return data_lib.load_tokenizer(ckpt_dir)
 
 
 # -----------------------------------------------------------------------------
 # the ORPO step
 
-
-def sequence_logps(token_logps, tgt_seq, tgt_response, n_seqs: int):
-    """eq. 3: average log-prob of each response, by scatter-add over the packed targets. -> (n_seqs,) float32"""
-    resp_seq = tgt_seq[tgt_response]                                   # (R,)
-    sums = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device)
-    sums = sums.index_add(0, resp_seq, token_logps[tgt_response].float())
-    counts = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device)
-    counts = counts.index_add(0, resp_seq, torch.ones_like(resp_seq, dtype=torch.float32))
-    return sums / counts                                               # (2P,) chosen then rejected
-
-
-def micro_batch_loss(model, batch, lam: float, n_pairs_total: float, n_nll_total: float):
-    """ONE forward over a packed micro-batch -> (loss to backprop, metric sums).
-
-    The returned loss is this micro-batch's share of the big-batch loss
-        L = sum_{all NLL tokens} nll / n_nll_total + lam * sum_{all pairs} L_OR / n_pairs_total,
-    where the totals count every micro-batch of the step on every rank. Summing these shares over
-    micro-batches (backward accumulates) and ranks (FSDP reduces) gives exactly one big batch's gradient.
-    """
-    hidden = model.packed_hidden(batch.input_ids, batch.position_ids, batch.seg_lens)   # (N, D)
-    logps = model.token_logps(hidden, batch.tgt_index, batch.tgt_ids)                   # (M,) float32
-    P = batch.n_pairs
-    seq = sequence_logps(logps, batch.tgt_seq, batch.tgt_response, 2 * P)               # (2P,)
-    chosen_logps, rejected_logps = seq[:P], seq[P:]
-    nll_sum = -logps[batch.tgt_nll].float().sum()                                       # L_SFT numerator
-    # orpo_loss averages over the P pairs of this micro-batch; reweight to the global totals:
-    # w * (nll/w + lam * mean L_OR) = nll_sum/n_nll_total + lam * sum L_OR / n_pairs_total
-    w = P / n_pairs_total
-    chosen_nll = nll_sum / n_nll_total / w
-    loss, m = orpo.orpo_loss(chosen_logps, rejected_logps, chosen_nll, lam=lam)
-    # metric sums stay device tensors: reading them here (float()) would make the host wait for this
-    # forward before it can launch the backward; train_step syncs once per optimizer step instead
-    sums = {k: m[k] * P for k in ("or_loss", "log_odds", "chosen_logps", "rejected_logps",
-                                  "reward_acc", "reward_margin")}
-    sums.update(nll_sum=nll_sum.detach(), n_nll=batch.tgt_nll.sum(), n_pairs=P, n_tokens=batch.num_tokens)
-    return loss * w, sums
-
-
-def finish_metrics(sums: dict, lam: float) -> dict:
-    """Metric sums (over micro-batches and ranks) -> big-batch means."""
-    P = max(sums["n_pairs"], 1)
-    m = {k: sums[k] / P for k in ("or_loss", "log_odds", "chosen_logps", "rejected_logps", "reward_acc", "reward_margin")}
-    m["nll"] = sums["nll_sum"] / max(sums["n_nll"], 1)
-    m["loss"] = m["nll"] + lam * m["or_loss"]
+def train_step(model, micro_batches, lam: float, device, autocast=nullcontext(), optimizer=None, scheduler=None,
+               grad_clip: float = 0.0) -> dict:
+    """One optimizer step on this rank's micro-batches (data.PackedBatch) -> the metrics of the whole step
+    (all micro-batches, all ranks). Without an optimizer it stops after the backward (the gradients stay in
+    .grad), and under torch.no_grad after the forward: evaluate() is this step without the update."""
+    # eq. 6's denominators count every micro-batch of the step on every rank (known before any forward)
+    counts = dist.all_reduce_sum({"pairs": sum(b.n_pairs for b in micro_batches),
+                                  "nll": sum(b.n_nll_tokens for b in micro_batches)}, device)
+    world_size = dist.get_dist_info()[3]
+    sums = {}
+    for batch in micro_batches:
+        b, P = batch.to(device), batch.n_pairs
+        with autocast:   # ONE forward: the chosen and the rejected answers of the P pairs in one packed stream
+            hidden = model.packed_hidden(b.input_ids, b.position_ids, b.seg_lens)          # (N, D)
+            logps = model.token_logps(hidden, b.tgt_index, b.tgt_ids)                     # (M,) float32
+        seq_logps = orpo.mean_logps(logps[b.tgt_response], b.tgt_seq[b.tgt_response], 2 * P)   # (2P,) eq. 3
+        or_losses, per_pair = orpo.odds_ratio_loss(seq_logps[:P], seq_logps[P:])         # (P,) eq. 7
+        nll_sum = -logps[b.tgt_nll].sum()                               # L_SFT over the chosen tokens, summed
+        # eq. 6 for the whole step, L = sum NLL / n_nll + lam * sum L_OR / n_pairs, where n_nll (tokens) and
+        # n_pairs count all micro-batches on all ranks: each micro-batch adds its own terms of the two sums, so
+        # the gradients that backward accumulates over micro-batches and FSDP reduces over ranks add up to
+        # exactly one big batch's gradient. FSDP *averages* over ranks; the factor world_size undoes that.
+        loss = nll_sum / counts["nll"] + lam * or_losses.sum() / counts["pairs"]
+        if torch.is_grad_enabled():
+            (loss * world_size).backward()
+        # metric sums stay device tensors: reading one here would make the host wait for this forward
+        for k, v in {"nll": nll_sum.detach(), **{k: v.sum() for k, v in per_pair.items()}}.items():
+            sums[k] = sums.get(k, 0.0) + v
+    if optimizer is not None:   # the global grad norm over all ranks (a DTensor under FSDP2), clipped when > 0
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf, foreach=True)
+    sums = dist.all_reduce_sum(sums, device)                  # all metrics: one collective, one host sync
+    m = {k: v / counts["pairs"] for k, v in sums.items()}     # means over the pairs...
+    m["nll"] = sums["nll"] / counts["nll"]                     # ...and over the NLL tokens
+    m["loss"] = m["nll"] + lam * m["or_loss"]                 # eq. 6, as logged
+    if optimizer is None:
+        return m
+    m["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    m["skipped"] = not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]))
+    if not m["skipped"]:           # a NaN/inf update would ruin the weights and AdamW's moments for good
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    m["lr"] = scheduler.get_last_lr()[0]
+    scheduler.step()
     return m
 
 
-def add_into(total: dict, part: dict) -> None:
-    for k, v in part.items():
-        total[k] = total.get(k, 0.0) + v
-
-
-def train_step(model, micro_batches, lam, device, world_size, autocast):
-    """Forward/backward over the micro-batches of one optimizer step; returns global metric sums."""
-    counts = dist.all_reduce_sum({"pairs": sum(b.n_pairs for b in micro_batches),
-                                  "nll": sum(b.n_nll_tokens for b in micro_batches)}, device)
-    sums = {}
-    for batch in micro_batches:
-        batch = batch.to(device)
-        with autocast:
-            loss, part = micro_batch_loss(model, batch, lam, counts["pairs"], counts["nll"])
-        # FSDP averages gradients over ranks; our per-rank losses are already shares of the global
-        # batch and must be summed, so undo the average by scaling with the world size
-        (loss * world_size).backward()
-        add_into(sums, part)
-    return dist.all_reduce_sum(sums, device)
-
-
 @torch.no_grad()
-def evaluate(model, batcher, lam, device, autocast) -> dict:
-    sums = {}
+def evaluate(model, batcher, lam: float, device, autocast=nullcontext()) -> dict:
+    """Metrics of the held-out pairs: train_step over all of the batcher's batches, without an update."""
     batcher.rewind()                    # the same eval batches every time
-    for batch in batcher:
-        batch = batch.to(device)
-        with autocast:
-            _, part = micro_batch_loss(model, batch, lam, 1.0, 1.0)
-        add_into(sums, part)
-    sums = dist.all_reduce_sum(sums, device)
-    return finish_metrics(sums, lam)
+    return train_step(model, list(batcher), lam, device, autocast)
 
 
-# -----------------------------------------------------------------------------
-# schedule, optimizer, throughput
+def build_optimizer(model, lr: float, weight_decay: float, device):
+    """AdamW with weight decay on matrices and embeddings only. Betas (0.9, 0.999) and eps 1e-8: the defaults of
+    torch and of the transformers Trainer that the official scripts ran."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]     # norms, biases
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
 
 
 def warmup_steps(args, total_steps: int) -> int:
-    """--warmup-steps, or --warmup-ratio of the total rounded up (transformers' TrainingArguments.get_warmup_steps),
-    so that a small ratio of a short run still warms up. The start line prints the result."""
-    if args.warmup_ratio is None:
-        return args.warmup_steps
-    return math.ceil(args.warmup_ratio * total_steps)
+    """--warmup-steps, or --warmup-ratio of the total rounded up (as transformers): a short run still warms up."""
+    return args.warmup_steps if args.warmup_ratio is None else math.ceil(args.warmup_ratio * total_steps)
 
 
-def build_optimizer(args, model, device):
-    decay = [p for p in model.parameters() if p.ndim >= 2]       # matrices and embeddings
-    no_decay = [p for p in model.parameters() if p.ndim < 2]     # norms, biases
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8, fused=fused)
-
+# -----------------------------------------------------------------------------
+# throughput and logging
 
 # dense bf16 tensor-core peak, FLOP/s, by substring of torch.cuda.get_device_name()
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
               "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "MI300": 1307e12}
 
 
-def peak_flops(device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 def attention_pairs(seg_lens: torch.Tensor) -> float:
     """(query, key) pairs the attention mask allows, summed over the segments (p, c, r) of a packed batch:
     [prompt|chosen] is causal, (p + c)(p + c + 1) / 2, and each rejected query sees the prompt and the
-    rejected tokens up to itself, r * p + r(r + 1) / 2. The unshared layout is c = r = 0 per sequence.
-    (benchmarks/gpu.py imports it.)"""
+    rejected tokens up to itself, r * p + r(r + 1) / 2. The unshared layout is c = r = 0 per sequence."""
     p, c, r = (x.double() for x in seg_lens.unbind(1))
     main = p + c
     return float((main * (main + 1) / 2 + r * p + r * (r + 1) / 2).sum())
@@ -482,43 +394,8 @@ def step_flops(n_params: int, n_layers: int, d_attn: int, micro_batches) -> floa
     """Model FLOPs of one optimizer step on this rank: 6 per parameter per token (forward + backward
     matmuls) plus attention, QK^T and AV at 2 * d_attn FLOPs each per allowed (query, key) pair per
     layer forward, x3 with backward: 12 * n_layers * d_attn per pair."""
-    flops = 0.0
-    for b in micro_batches:
-        flops += 6 * n_params * b.num_tokens + 12 * n_layers * d_attn * attention_pairs(b.seg_lens)
-    return flops
-
-
-def memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # Linux reports kB
-
-
-# -----------------------------------------------------------------------------
-# logging
-
-
-def format_line(rec: dict, total_steps: int) -> str:
-    s = (f"step {rec['step']:>5d}/{total_steps} | loss {rec['loss']:.4f} | nll {rec['nll']:.4f} | "
-         f"or {rec['or_loss']:.4f} | log_odds {rec['log_odds']:+.3f} | logp w {rec['chosen_logps']:.3f} "
-         f"l {rec['rejected_logps']:.3f} | acc {rec['reward_acc']:.2f} | margin {rec['reward_margin']:+.3f} | "
-         f"lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s")
-    if rec.get("mfu") is not None:
-        s += f" | mfu {100 * rec['mfu']:.1f}%"
-    s += f" | mem {rec['mem_gb']:.2f}GB"
-    if rec.get("skipped"):
-        s += " | SKIPPED (non-finite)"
-    return s
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records written after the checkpoint, so the file reads as one uninterrupted run."""
-    if not path.exists():
-        return
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
-    keep = [l for l in lines if json.loads(l)["step"] <= step]
-    if len(keep) < len(lines):
-        path.write_text("".join(l + "\n" for l in keep))
+    return sum(6 * n_params * b.num_tokens + 12 * n_layers * d_attn * attention_pairs(b.seg_lens)
+               for b in micro_batches)
 
 
 def append_jsonl(path: Path, rec: dict) -> None:
@@ -527,387 +404,202 @@ def append_jsonl(path: Path, rec: dict) -> None:
 
 
 # -----------------------------------------------------------------------------
-# setup and resume
+# the run
 
+class Trainer:
+    """One run: __init__ builds it in fail-fast order (flags, --out and checkpoint, model config, data, weights),
+    fit() trains it; it holds what they share, and the counters a checkpoint keeps besides weights and schedule."""
 
-@dataclasses.dataclass
-class Job:
-    """Everything setup() builds, handed explicitly to the loop, eval, save and finish (no closures)."""
-    args: argparse.Namespace
-    device: torch.device
-    rank: int
-    world_size: int
-    out: Path
-    config: object                  # model.ModelConfig
-    tok: object                     # the tokenizer, exported with the model
-    model: torch.nn.Module          # FSDP2-sharded under torchrun
-    n_params: int
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    batcher: object                 # data.PairBatcher of the training pairs
-    eval_batcher: object            # data.PairBatcher of the eval pairs, None without any
-    total_steps: int
-    autocast: object                # torch.autocast, or nullcontext when the params are in the compute dtype
-    peak_flops: float | None        # of one device, for MFU; None when unknown (CPU)
-    t_start: float
+    def __init__(self, args):
+        self.args, self.t_start = args, time.time()
+        self.device = dist.compute_init(args.device)
+        _, self.rank, _, self.world_size = dist.get_dist_info()
+        ckpt, saved = check_args(args, self.world_size)
+        compute_dtype = dist.resolve_dtype(args.dtype, self.device)
+        torch.manual_seed(args.seed)
+        self.config, ckpt_dir = model_lib.resolve_model(args.model)
+        check_model(args, self.config, self.device, compute_dtype)
+        try:   # --tokenizer, else the checkpoint's own, else (a weightless preset) the synthetic one (vocab <= 512)
+            self.tok = data.load_tokenizer(args.tokenizer or ckpt_dir or "synthetic")
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
+        self.out, self.metrics_path = Path(args.out), Path(args.out) / "metrics.jsonl"
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        train_pairs, eval_pairs = load_data(args, self.tok, ckpt_dir, self.rank, resumed=ckpt is not None)
+        self.batcher, self.eval_batcher, steps_per_epoch = make_batchers(args, train_pairs, eval_pairs, self.rank,
+                                                                         self.world_size)
+        if saved is not None:   # data.py refuses a position saved under other batching settings or other data
+            try:
+                self.batcher.load_state_dict(saved["batcher"])
+            except ValueError as e:
+                raise UserError(f"{ckpt}: {e}") from None
+        self.total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
+        warmup = warmup_steps(args, self.total_steps)
+        self.model = build_model(args, self.config, ckpt_dir, self.device, compute_dtype)
+        self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           dist.lr_lambda(args.schedule, warmup, self.total_steps))
+        # one process on a GPU: bf16 compute comes from autocast (under FSDP, FSDP casts the params itself)
+        use_autocast = compute_dtype != torch.float32 and self.world_size == 1
+        self.autocast = torch.autocast(self.device.type, dtype=compute_dtype) if use_autocast else nullcontext()
+        # a sharded parameter reports its global shape; tied ones count once
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "none"
+        self.peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)   # for MFU; unknown: None
+        print0(f"model {args.model}: {self.n_params / 1e6:.2f}M params, {self.config.n_layers} layers | "
+               f"device {self.device} x {self.world_size} | dtype {compute_dtype} | lam {args.lam} | "
+               f"lr {args.lr} {args.schedule}, warmup {warmup} | "
+               f"batch {args.batch_size if args.max_tokens is None else f'{args.max_tokens} tokens/micro'} x accum "
+               f"{args.grad_accum} | {self.total_steps} steps ({steps_per_epoch}/epoch)")
+        self.resume(ckpt)
 
-    @property
-    def ckpt_root(self) -> Path:
-        return self.out / "ckpt"
+    def resume(self, ckpt: Path | None) -> None:
+        """The counters, weights, optimizer, RNG and schedule from `ckpt`, with metrics.jsonl cut back to it, so
+        the file reads as one uninterrupted run; without one, a fresh start with a new run id."""
+        self.step, self.epoch, self.best_eval, self.bad_steps = 0, 0, math.inf, 0
+        # tells this run's checkpoints from others' (dist.save_checkpoint prunes only its own); rank 0's is written
+        self.run_id = uuid.uuid4().hex[:12]
+        if ckpt is None:
+            if self.rank == 0 and self.metrics_path.exists():
+                self.metrics_path.unlink()   # of a run killed before its first checkpoint
+            return
+        saved = dist.load_checkpoint(ckpt, self.model, self.optimizer)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.step, self.epoch, self.best_eval, self.bad_steps = (saved[k] for k in ("step", "epoch", "best_eval",
+                                                                                    "bad_steps"))
+        self.run_id = saved.get("run_id", "")
+        lines = self.metrics_path.read_text().splitlines() if self.rank == 0 and self.metrics_path.exists() else []
+        keep = [l for l in lines if l.strip() and json.loads(l)["step"] <= self.step]
+        if len(keep) < len(lines):   # drop the records written after the checkpoint
+            self.metrics_path.write_text("".join(l + "\n" for l in keep))
+        print0(f"resumed from {ckpt} at step {self.step}")
 
-    @property
-    def metrics_path(self) -> Path:
-        return self.out / "metrics.jsonl"
+    def fit(self) -> None:
+        """Optimizer steps to the end, with logging, periodic eval and checkpoints; then finish()."""
+        args, records = self.args, {"first": None, "last": None, "eval0": None}
+        if self.step >= self.total_steps:
+            return self.finish_completed_run()
+        self.model.train()
+        if self.step == 0 and args.eval_every:
+            records["eval0"] = self.run_eval()        # the starting point of the eval curves
+        # micro-batches epoch after epoch, from the batcher's current (maybe resumed) position
+        stream = (batch for _ in itertools.count() for batch in self.batcher)
+        # the bar only on an interactive terminal: in a log file its redraws are noise (the lines say it all)
+        bar = tqdm(total=self.total_steps, initial=self.step, leave=False,
+                   disable=self.rank > 0 or not sys.stderr.isatty())
+        while self.step < self.total_steps:
+            t0 = time.time()
+            micro = [next(stream) for _ in range(args.grad_accum)]
+            m = train_step(self.model, micro, args.lam, self.device, self.autocast, self.optimizer, self.scheduler,
+                           args.grad_clip)
+            self.step, self.epoch = self.step + 1, self.batcher.epoch
+            self.bad_steps = self.bad_steps + 1 if m["skipped"] else 0
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.time() - t0
+            if m["skipped"]:
+                print0(f"step {self.step}: non-finite loss or grad norm (loss {m['loss']}, grad norm "
+                       f"{m['grad_norm']}); step skipped ({self.bad_steps} in a row)")
+            if self.step % args.log_every == 0 or self.step == self.total_steps or m["skipped"]:
+                records["last"] = self.log_step(m, micro, dt)
+                records["first"] = records["first"] or records["last"]
+            bar.update(1)
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise TrainingDiverged(f"{self.bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping "
+                                       f"at step {self.step} to protect the weights (last good checkpoint: "
+                                       f"{self.out / 'ckpt'}/latest); try a lower --lr or --dtype float32")
+            if self.step < self.total_steps:           # the last step is evaluated and saved by finish()
+                if args.eval_every and self.step % args.eval_every == 0:
+                    self.run_eval()
+                if args.save_every and self.step % args.save_every == 0:
+                    self.save()
+        bar.close()
+        return self.finish(records)
 
+    def log_step(self, m: dict, micro, dt: float) -> dict:
+        """The step's record with throughput, MFU, memory and time (collectives: all ranks call it); rank 0 logs it."""
+        c = self.config
+        totals = dist.all_reduce_sum({"tokens": sum(b.num_tokens for b in micro),
+                                      "flops": step_flops(self.n_params, c.n_layers, c.n_heads * c.head_dim, micro)},
+                                     self.device)
+        mfu = totals["flops"] / dt / (self.peak_flops * self.world_size) if self.peak_flops else None
+        mem = (torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)   # Linux reports kB
+        rec = {"step": self.step, "epoch": self.epoch, **m, "tokens": totals["tokens"],
+               "tokens_per_s": totals["tokens"] / dt, "mfu": mfu, "mem_gb": dist.all_reduce_max(mem, self.device),
+               "time": time.time() - self.t_start}
+        if self.rank == 0:
+            append_jsonl(self.metrics_path, rec)
+            tqdm.write(f"step {self.step:>5d}/{self.total_steps} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | "
+                       f"or {m['or_loss']:.4f} | log_odds {m['log_odds']:+.3f} | logp w {m['chosen_logps']:.3f} "
+                       f"l {m['rejected_logps']:.3f} | acc {m['reward_acc']:.2f} | margin {m['reward_margin']:+.3f} | "
+                       f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s"
+                       + ("" if mfu is None else f" | mfu {100 * mfu:.1f}%") + f" | mem {rec['mem_gb']:.2f}GB"
+                       + (" | SKIPPED (non-finite)" if m["skipped"] else ""))
+        return rec
 
-@dataclasses.dataclass
-class LoopState:
-    """The trainer's counters: what a checkpoint holds besides weights, optimizer, schedule and data position."""
-    step: int = 0                   # optimizer steps done
-    epoch: int = 0
-    best_eval: float = math.inf     # lowest eval loss so far (exported to OUT/best/)
-    bad_steps: int = 0              # consecutive non-finite steps
-    run_id: str = ""                # tells this run's checkpoints from others' (dist.save_checkpoint prunes only its own)
+    def run_eval(self) -> dict | None:
+        """Eval metrics on the held-out pairs (None without any); a new best is exported to OUT/best/."""
+        if self.eval_batcher is None:
+            return None
+        self.model.eval()
+        m = evaluate(self.model, self.eval_batcher, self.args.lam, self.device, self.autocast)
+        self.model.train()
+        improved, self.best_eval = m["loss"] < self.best_eval, min(m["loss"], self.best_eval)
+        if improved and not self.args.no_export:
+            dist.export_hf(self.model, self.config, self.tok, self.out / "best")
+        if self.rank == 0:
+            append_jsonl(self.metrics_path, {"step": self.step, "eval": True,
+                                             **{f"eval_{k}": v for k, v in m.items()}, "best": improved})
+            tqdm.write(f"eval  {self.step:>5d} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | or {m['or_loss']:.4f} | "
+                       f"log_odds {m['log_odds']:+.3f} | acc {m['reward_acc']:.2f}"
+                       + (f" | best so far -> {self.out / 'best'}" if improved and not self.args.no_export else ""))
+        return m
 
+    def save(self) -> None:
+        state = {"step": self.step, "epoch": self.epoch, "best_eval": self.best_eval, "bad_steps": self.bad_steps,
+                 "run_id": self.run_id, "world_size": self.world_size, "scheduler": self.scheduler.state_dict(),
+                 "batcher": self.batcher.state_dict()}
+        dist.save_checkpoint(self.out / "ckpt", self.step, self.model, self.optimizer, state,
+                             keep=self.args.keep_checkpoints)
 
-def micro_batch_stream(batcher):
-    """(epoch, micro-batch) forever, epoch after epoch, from the batcher's current (maybe resumed) position."""
-    while True:
-        for batch in batcher:
-            yield batcher.epoch, batch
+    def finish(self, records: dict) -> None:
+        """Final eval, checkpoint and HF export, then the summary: first and last step, eval before and after."""
+        args, out, first, last, e0 = self.args, self.out, records["first"], records["last"], records["eval0"]
+        e1 = self.run_eval()
+        self.save()
+        if not args.no_export:
+            dist.export_hf(self.model, self.config, self.tok, out / "final")
+        if first and last:
+            print0(f"done at step {self.step} after {time.time() - self.t_start:.0f}s | train nll {first['nll']:.3f} "
+                   f"-> {last['nll']:.3f} | log_odds {first['log_odds']:+.3f} -> {last['log_odds']:+.3f} | "
+                   f"reward_acc {first['reward_acc']:.2f} -> {last['reward_acc']:.2f}")
+        if e0 and e1:
+            print0(f"eval (held-out pairs): nll {e0['nll']:.3f} -> {e1['nll']:.3f} | log_odds {e0['log_odds']:+.3f} -> "
+                   f"{e1['log_odds']:+.3f} | reward_acc {e0['reward_acc']:.2f} -> {e1['reward_acc']:.2f}")
+        exported = "" if args.no_export else "final/ (HF model + tokenizer), best/ (best eval loss), "
+        print0(f"outputs in {out}/: {exported}run.json, ckpt/ (--resume), metrics.jsonl"
+               + (", data/ (synthetic pairs)" if args.data is None else ""))
+        if not args.no_export:     # eval_rm.py evaluates OUT/final, reading OUT/run.json
+            root = "" if str(out) == "out" else f" demo --root {shlex.quote(str(out))}"
+            print0(f"evaluate with:  python eval_rm.py{root}")
 
-
-def check_attention(args, device, compute_dtype, config) -> None:
-    """Fail before any work if the requested kernel cannot run here (it would fail in the first forward)."""
-    import model as model_lib
-
-    if args.attention == "auto":
-        return
-    try:
-        with torch.enable_grad():     # training needs the backward (flex has none on the CPU)
-            model_lib.pick_attention(args.attention, device, compute_dtype, config.sliding_window)
-    except RuntimeError as e:
-        hint = " (pip install -r requirements-gpu.txt)" if args.attention == "flash" else ""
-        raise UserError(f"--attention {args.attention}: {e}{hint}; use --attention auto or sdpa") from None
-
-
-def find_resume_point(args, world_size: int) -> tuple[Path | None, dict | None]:
-    """(checkpoint to resume from, its trainer state), or (None, None) to start fresh, after checking that
-    --out can hold this run: a fresh start next to an earlier run's checkpoints would mix the two runs
-    (its pruning, `latest`, a later --resume), so it is refused rather than deleting what is there."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
-    latest = dist.find_latest_checkpoint(out / "ckpt")
-    if latest is None:
-        if args.resume:
-            print0(f"--resume: no checkpoint in {out / 'ckpt'}, starting from scratch")
-        return None, None
-    saved = dist.read_trainer_state(latest)
-    if not args.resume:
-        raise UserError(f"--out {out} already holds checkpoints of an earlier run (step {saved['step']}); "
-                        f"pass --resume to continue it, or choose another --out")
-    # the data order (batch b goes to rank b % world_size) and the per-rank RNG states depend on it
-    if saved["world_size"] != world_size:
-        raise UserError(f"resume needs the same number of ranks: the checkpoint was written by "
-                        f"{saved['world_size']}, this run has {world_size}")
-    return latest, saved
-
-
-def restore_batcher(batcher, saved: dict, ckpt: Path) -> None:
-    """The checkpoint's position in the data. data.py refuses (ValueError) when a batching setting or the
-    data changed, as the same position would then mean other pairs; here that becomes one clear line."""
-    try:
-        batcher.load_state_dict(saved["batcher"])
-    except ValueError as e:
-        raise UserError(f"{ckpt}: {e}") from None
-
-
-def setup(args) -> tuple[Job, Path | None]:
-    """Device, data, model, optimizer and schedule; and the checkpoint to resume from. Ordered to fail fast:
-    the output dir, the checkpoint and the data position are checked before the model is built."""
-    t_start = time.time()
-    device = dist.compute_init(args.device)
-    _, rank, _, world_size = dist.get_dist_info()
-    ckpt, saved = find_resume_point(args, world_size)
-    compute_dtype = dist.resolve_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)
-
-    # model config + tokenizer, then data (tokenization does not need the weights)
-    config, ckpt_dir = resolve_model(args.model, args.model_config)
-    check_attention(args, device, compute_dtype, config)
-    if config.positions == "learned" and args.max_length > config.max_seq_len:
-        raise UserError(f"--max-length {args.max_length} is longer than the {config.max_seq_len} positions "
-                        f"{args.model} has learned; use --max-length {config.max_seq_len} or less")
-    tok = load_tokenizer(args, ckpt_dir)
-    out = Path(args.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    train_pairs, eval_pairs = load_data(args, tok, rank, world_size)
-    batcher, eval_batcher, steps_per_epoch = make_batchers(args, train_pairs, eval_pairs, rank, world_size)
-    if saved is not None:
-        restore_batcher(batcher, saved, ckpt)
-    total_steps = args.max_steps if args.max_steps is not None else max(1, int(args.epochs * steps_per_epoch))
-    warmup = warmup_steps(args, total_steps)
-
-    model = build_model(args, config, ckpt_dir, device, compute_dtype)
-    optimizer = build_optimizer(args, model, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, dist.lr_lambda(args.schedule, warmup, total_steps))
-    # without FSDP (one process) on GPU, bf16 compute comes from autocast; FSDP casts params itself
-    use_autocast = compute_dtype != torch.float32 and world_size == 1
-    autocast = torch.autocast(device.type, dtype=compute_dtype) if use_autocast else nullcontext()
-    job = Job(args, device, rank, world_size, out, config, tok, model, count_params(model), optimizer, scheduler,
-              batcher, eval_batcher, total_steps, autocast, peak_flops(device), t_start)
-    print0(f"model {args.model}: {job.n_params / 1e6:.2f}M params, {config.n_layers} layers | "
-           f"device {device} x {world_size} | dtype {compute_dtype} | lam {args.lam} | "
-           f"lr {args.lr} {args.schedule}, warmup {warmup} | "
-           f"batch {args.batch_size if args.max_tokens is None else f'{args.max_tokens} tokens/micro'} x accum {args.grad_accum} | "
-           f"{total_steps} steps ({steps_per_epoch}/epoch)")
-    return job, ckpt
-
-
-def resume(job: Job, ckpt: Path | None) -> LoopState:
-    """Weights, optimizer, RNG and schedule from `ckpt` (the data position was restored in setup), with
-    metrics.jsonl cut back to it, so the file reads as one uninterrupted run; without one, a fresh start."""
-    if ckpt is None:
-        if job.rank == 0 and job.metrics_path.exists():
-            job.metrics_path.unlink()   # of a run killed before its first checkpoint
-        # a new id per run; only rank 0's is ever written (it writes trainer_state.json and prunes)
-        return LoopState(run_id=uuid.uuid4().hex[:12])
-    saved = dist.load_checkpoint(ckpt, job.model, job.optimizer)
-    job.scheduler.load_state_dict(saved["scheduler"])
-    state = LoopState(step=saved["step"], epoch=saved["epoch"], best_eval=saved["best_eval"],
-                      bad_steps=saved["bad_steps"], run_id=saved.get("run_id", ""))
-    if job.rank == 0:
-        truncate_metrics(job.metrics_path, state.step)
-    print0(f"resumed from {ckpt} at step {state.step}")
-    return state
-
-
-# -----------------------------------------------------------------------------
-# the loop
-
-
-def optimizer_step(job: Job, state: LoopState, stream) -> tuple[dict, list, float]:
-    """One optimizer step: grad_accum micro-batches forward/backward, clip, skip it if anything is
-    non-finite, AdamW, schedule. Updates `state`; returns (its metrics record, its micro-batches, seconds)."""
-    args, t0 = job.args, time.time()
-    micro = []
-    for _ in range(args.grad_accum):
-        state.epoch, b = next(stream)
-        micro.append(b)
-    sums = train_step(job.model, micro, args.lam, job.device, job.world_size, job.autocast)
-    grad_norm = clip_grad_norm(job.model, args.grad_clip)
-    m = finish_metrics(sums, args.lam)
-    finite = math.isfinite(m["loss"]) and math.isfinite(grad_norm)
-    if finite:
-        job.optimizer.step()
-        state.bad_steps = 0
-    else:
-        state.bad_steps += 1
-    job.optimizer.zero_grad(set_to_none=True)
-    lr = job.scheduler.get_last_lr()[0]
-    job.scheduler.step()
-    state.step += 1
-    if job.device.type == "cuda":
-        torch.cuda.synchronize(job.device)
-    dt = time.time() - t0
-    if not finite:
-        print0(f"step {state.step}: non-finite loss or grad norm (loss {m['loss']}, grad norm {grad_norm}); "
-               f"step skipped ({state.bad_steps} in a row)")
-    rec = {"step": state.step, "epoch": state.epoch, **m, "lr": lr, "grad_norm": grad_norm,
-           "tokens": sums["n_tokens"], "tokens_per_s": sums["n_tokens"] / dt, "skipped": not finite}
-    return rec, micro, dt
-
-
-def log_step(job: Job, rec: dict, micro, dt: float) -> dict:
-    """Complete a step's record with MFU, peak memory and wall time (collectives: every rank calls this),
-    then append it to metrics.jsonl and print it, on rank 0."""
-    config = job.config
-    flops = step_flops(job.n_params, config.n_layers, config.n_heads * config.head_dim, micro)
-    flops = dist.all_reduce_sum({"f": flops}, job.device)["f"]
-    rec["mfu"] = flops / dt / (job.peak_flops * job.world_size) if job.peak_flops else None
-    rec["mem_gb"] = dist.all_reduce_max(memory_gb(job.device), job.device)
-    rec["time"] = time.time() - job.t_start
-    if job.rank == 0:
-        append_jsonl(job.metrics_path, rec)
-        tqdm.write(format_line(rec, job.total_steps))
-    return rec
-
-
-def run_eval(job: Job, state: LoopState) -> dict | None:
-    """Eval metrics on the held-out pairs at state.step (None without any); a new best is exported to OUT/best/."""
-    if job.eval_batcher is None:
-        return None
-    job.model.eval()
-    m = evaluate(job.model, job.eval_batcher, job.args.lam, job.device, job.autocast)
-    job.model.train()
-    improved = m["loss"] < state.best_eval
-    if improved:
-        state.best_eval = m["loss"]
-        if not job.args.no_export:
-            dist.export_hf(job.model, job.config, job.tok, job.out / "best")
-    if job.rank == 0:
-        append_jsonl(job.metrics_path, {"step": state.step, "eval": True, **{f"eval_{k}": v for k, v in m.items()},
-                                        "best": improved})
-        tqdm.write(f"eval  {state.step:>5d} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | or {m['or_loss']:.4f} | "
-                   f"log_odds {m['log_odds']:+.3f} | acc {m['reward_acc']:.2f}"
-                   + (f" | best so far -> {job.out / 'best'}" if improved and not job.args.no_export else ""))
-    return m
-
-
-def save(job: Job, state: LoopState) -> None:
-    trainer_state = dict(dataclasses.asdict(state), world_size=job.world_size,
-                         scheduler=job.scheduler.state_dict(), batcher=job.batcher.state_dict())
-    dist.save_checkpoint(job.ckpt_root, state.step, job.model, job.optimizer, trainer_state,
-                         keep=job.args.keep_checkpoints)
-
-
-def train_loop(job: Job, state: LoopState) -> dict:
-    """Optimizer steps from state.step to the end, with logging, periodic eval and checkpoints.
-    Returns the first and last logged step records and the step-0 eval, for the summary."""
-    args = job.args
-    records = {"first": None, "last": None, "eval0": None}
-    stream = micro_batch_stream(job.batcher)
-    job.model.train()
-    if state.step == 0 and args.eval_every:
-        records["eval0"] = run_eval(job, state)      # the starting point of the eval curves
-    # the bar only on an interactive terminal: in a log file its redraws are noise (the lines say it all)
-    bar = tqdm(total=job.total_steps, initial=state.step, disable=job.rank != 0 or not sys.stderr.isatty(), leave=False)
-    while state.step < job.total_steps:
-        rec, micro, dt = optimizer_step(job, state, stream)
-        if state.step % args.log_every == 0 or state.step == job.total_steps or rec["skipped"]:
-            rec = log_step(job, rec, micro, dt)
-            records["first"] = records["first"] or rec
-            records["last"] = rec
-        bar.update(1)
-        if state.bad_steps >= args.max_bad_steps:
-            raise TrainingDiverged(f"{state.bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping at "
-                                   f"step {state.step} to protect the weights (last good checkpoint: "
-                                   f"{job.ckpt_root}/latest); try a lower --lr or --dtype float32")
-        if state.step < job.total_steps:             # the last step is evaluated and saved by finish()
-            if args.eval_every and state.step % args.eval_every == 0:
-                run_eval(job, state)
-            if args.save_every and state.step % args.save_every == 0:
-                save(job, state)
-    bar.close()
-    return records
-
-
-# -----------------------------------------------------------------------------
-# the end of a run
-
-
-def finish(job: Job, state: LoopState, records: dict) -> dict:
-    """Final eval, checkpoint and HF export; prints and returns the summary."""
-    final_eval = run_eval(job, state)
-    save(job, state)
-    if not job.args.no_export:
-        dist.export_hf(job.model, job.config, job.tok, job.out / "final")
-    summary = {**records, "eval": final_eval, "steps": state.step, "wall_s": time.time() - job.t_start,
-               "out": str(job.out)}
-    print_summary(job.args, summary)
-    return summary
-
-
-def finish_completed_run(job: Job, state: LoopState) -> dict:
-    """--resume of a run that has done all its steps: nothing to train, evaluate or save again (that would
-    append a second final eval and rewrite the checkpoint just loaded); only a missing final export is made."""
-    final = job.out / "final"
-    if not job.args.no_export and not (final / "config.json").is_file():
-        dist.export_hf(job.model, job.config, job.tok, final)
-        print0(f"the run in {job.out} was already complete at step {state.step}; wrote its missing export {final}")
-    else:
-        print0(f"the run in {job.out} is already complete: its checkpoint is at step {state.step}, this run has "
-               f"{job.total_steps} steps (raise --max-steps or --epochs to train further)")
-    return {"first": None, "last": None, "eval0": None, "eval": None, "steps": state.step,
-            "wall_s": time.time() - job.t_start, "out": str(job.out)}
-
-
-def run(args) -> dict:
-    """The whole run: setup, resume, the loop, final eval, checkpoint and export. Returns a summary."""
-    check_args(args)
-    job, ckpt = setup(args)
-    state = resume(job, ckpt)
-    if ckpt is not None and state.step >= job.total_steps:
-        return finish_completed_run(job, state)
-    records = train_loop(job, state)
-    return finish(job, state, records)
-
-
-def count_params(model) -> int:
-    """Parameter count of the full model (a sharded parameter reports its global shape; tied ones count once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def clip_grad_norm(model, max_norm: float) -> float:
-    """Global grad norm over all ranks (clipped to max_norm when > 0)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
-    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2: the norm is already reduced over ranks
-        norm = norm.full_tensor()
-    return float(norm)
-
-
-def eval_commands(args) -> list[str]:
-    """The eval_rm.py commands that evaluate this run, runnable as printed: a reward model trained on the
-    training pairs with the run's backbone, tokenizer and template, then the win rate of OUT/final against
-    the starting model on held-out prompts. The default tiny synthetic run has eval_rm.py's own demo."""
-    out, q = Path(args.out), shlex.quote
-    demo = (args.data is None and args.eval_data is None and args.model == "tiny" and args.seed == 42
-            and args.tokenizer is None and args.template == "auto")
-    if demo:   # eval_rm.py's demo knows this layout (and the tiny model's init seed, 42)
-        return ["python eval_rm.py" + ("" if str(out) == "out" else f" demo --root {q(str(out))}")]
-    import model as model_lib
-    random_init = isinstance(model_lib.PRESETS.get(args.model), model_lib.ModelConfig)
-    # the tokenizer this run read text with (load_tokenizer): the RM must read it the same way
-    tokenizer = args.tokenizer or ("synthetic" if random_init else None)
-    template = ["--template", args.template] if args.template != "auto" else []
-    if args.data is None:      # the synthetic pairs this run wrote (and its synthetic held-out set)
-        rm_data = ["--data", str(out / "data" / f"synthetic_train_{args.synthetic_pairs}.parquet")]
-        prompts = ["--data", args.eval_data or str(out / "data" / "synthetic_eval.parquet")]
-    else:
-        rm_data = ["--data", args.data] + (["--split", args.split] if args.split else [])
-        prompts = (["--data", args.eval_data] if args.eval_data else
-                   ["--data", args.data] if args.eval_split else rm_data)
-    prompts += ["--split", args.eval_split] if args.eval_split else []
-    init = [] if args.model == "tiny" else ["--init", args.model]
-    # the base policy "tiny" is the random init of --seed (eval_rm.py assumes train.py's default, 42)
-    seed = ["--init-seed", str(args.seed)] if args.model == "tiny" and args.seed != 42 else []
-    rm_tok = ["--tokenizer", tokenizer] if tokenizer else []
-    # OUT/final carries the run's tokenizer; a base checkpoint read through --tokenizer may have none
-    base_tok = ["--policy-tokenizer", f"base={args.tokenizer}"] if args.tokenizer and not random_init else []
-    train_rm = ["train-rm", "--out", str(out / "rm"), *init, *rm_data, *rm_tok, *template]
-    winrate = ["winrate", "--rm", str(out / "rm"), "--policy", f"orpo={out / 'final'}", "--policy",
-               f"base={args.model}", *base_tok, *seed, *prompts, *template, "--out", str(out / "winrate")]
-    return ["python eval_rm.py " + shlex.join(c) for c in (train_rm, winrate)]
-
-
-def print_summary(args, s: dict) -> None:
-    out = Path(args.out)
-    first, last, e0, e1 = s["first"], s["last"], s["eval0"], s["eval"]
-    if first and last:
-        print0(f"done at step {s['steps']} after {s['wall_s']:.0f}s | train nll {first['nll']:.3f} -> {last['nll']:.3f} | "
-               f"log_odds {first['log_odds']:+.3f} -> {last['log_odds']:+.3f} | "
-               f"reward_acc {first['reward_acc']:.2f} -> {last['reward_acc']:.2f}")
-    if e0 and e1:
-        print0(f"eval (held-out pairs): nll {e0['nll']:.3f} -> {e1['nll']:.3f} | log_odds {e0['log_odds']:+.3f} -> "
-               f"{e1['log_odds']:+.3f} | reward_acc {e0['reward_acc']:.2f} -> {e1['reward_acc']:.2f}")
-    exported = "" if args.no_export else "final/ (HF model + tokenizer), best/ (best eval loss), "
-    print0(f"outputs in {out}/: {exported}ckpt/ (--resume), metrics.jsonl"
-           + (", data/ (synthetic pairs)" if args.data is None else ""))
-    if args.no_export:         # eval_rm.py evaluates OUT/final, which this run did not write
-        return
-    commands = eval_commands(args)
-    print0("evaluate with:  " + "\n                ".join(commands))
-    if args.data is not None and args.eval_data is None and args.eval_split is None:
-        print0("                (win-rate prompts from the training data: give held-out pairs to --data for a fair test)")
+    def finish_completed_run(self) -> None:
+        """--resume of a complete run: no second final eval, no rewrite of the checkpoint; only a missing export."""
+        final = self.out / "final"
+        if not self.args.no_export and not (final / "config.json").is_file():
+            dist.export_hf(self.model, self.config, self.tok, final)
+            print0(f"the run in {self.out} was already complete at step {self.step}; wrote its missing export {final}")
+        else:
+            print0(f"the run in {self.out} is already complete: its checkpoint is at step {self.step}, this run has "
+                   f"{self.total_steps} steps (raise --max-steps or --epochs to train further)")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        Trainer(args).fit()
         return 0
     except TrainingDiverged as e:
         print0(f"error: {e}", file=sys.stderr)
@@ -916,8 +608,8 @@ def main(argv=None) -> int:
         if os.environ.get("ORPO_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        # a UserError is the same on every rank: print it once; anything else may be one rank's alone
-        (print0 if isinstance(e, UserError) else print)(f"error: {msg}", file=sys.stderr)
+        # bad input is the same on every rank: said once; anything else may be one rank's alone
+        (print0 if isinstance(e, BAD_INPUT) else print)(f"error: {msg}", file=sys.stderr)
         return 2
     finally:
         dist.compute_cleanup()

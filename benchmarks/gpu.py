@@ -2,11 +2,11 @@
 
 model.py at Mistral-7B's layer shapes (dim 4096, 32 heads, 8 KV heads, FFN 14336, vocab 32000), with fewer
 layers so that one GPU holds it with its AdamW state (--layers). The step is train.py's: float32 master
-weights, bfloat16 autocast, train.train_step on padding-free packed batches (shared-prompt layout by
-default), grad clipping, fused AdamW. One run measures every kernel in --kernels (flash-attn's varlen, torch's
-varlen attention, compiled flex_attention, SDPA; "auto" = what train.py would pick) in every packing layout
-in --layouts (shared prompt: two varlen calls per layer; unshared: the prompt computed twice), one table row
-each, on the same batches, so the rows compare kernels and layouts on identical work.
+weights, bfloat16 autocast, train.train_step (forward, eq. 3, eq. 6, backward, grad clipping, fused AdamW) on
+padding-free packed batches (shared-prompt layout by default). One run measures every kernel in --kernels
+(flash-attn's varlen, torch's varlen attention, SDPA; "auto" = what train.py would pick) in every packing
+layout in --layouts (shared prompt: two varlen calls per layer; unshared: the prompt computed twice), one
+table row each, on the same batches, so the rows compare kernels and layouts on identical work.
 
 Batches: real HH-RLHF pairs (../shared/data, Llama-2 tokenizer) when present, else synthetic pairs with
 HH-RLHF-like lengths; pairs are packed until --max-tokens tokens per step.
@@ -26,7 +26,7 @@ tolerance, in both layouts. Kernels not available here (no flash-attn package, t
 as skipped, not timed.
 
     python benchmarks/gpu.py                 # auto kernel, both layouts, 8 layers, 16k tokens per step
-    python benchmarks/gpu.py --kernels flash,varlen,flex --layouts shared,unshared
+    python benchmarks/gpu.py --kernels flash,varlen,sdpa --layouts shared,unshared
     python benchmarks/gpu.py --layers 16 --max-tokens 32768 --activation-checkpointing
 """
 import argparse
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--kernels", default="auto",
                    help="comma list of attention kernels to time: auto (flash-attn > torch varlen > SDPA), flash, "
-                        "varlen, flex, sdpa")
+                        "varlen, sdpa")
     p.add_argument("--layouts", default="shared,unshared",
                    help="comma list: shared (prompt computed once) and/or unshared (prompt packed with each answer)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
@@ -119,12 +119,11 @@ def make_batches(args, n_steps: int):
 @torch.no_grad()
 def check_against_sdpa(model, small_batches, backend: str, autocast) -> bool:
     """Per-token log-probs and lm_head logits of a kernel vs SDPA with an explicit mask, bf16, each layout."""
-    import model as model_lib
-    ok = True
+    ok, previous = True, model.attention
     for layout, b in small_batches:
         out = {}
         for name in (backend, "sdpa"):
-            previous = model_lib.set_attention_backend(name)
+            model.attention = name           # the kernel of the packed forward (model.Transformer(attention=...))
             try:
                 with autocast:
                     h = model.packed_hidden(b.input_ids, b.position_ids, b.seg_lens)
@@ -132,7 +131,7 @@ def check_against_sdpa(model, small_batches, backend: str, autocast) -> bool:
                     out[name] = (model.token_logps(h, b.tgt_index, b.tgt_ids).float(),
                                  model.lm_head(h[rows]).float())
             finally:
-                model_lib.set_attention_backend(previous)
+                model.attention = previous
         (lp_f, lg_f), (lp_s, lg_s) = out[backend], out["sdpa"]
         lp_err = (lp_f - lp_s).abs()
         rel = float((lg_f - lg_s).norm() / lg_s.norm())
@@ -152,21 +151,17 @@ def check_against_sdpa(model, small_batches, backend: str, autocast) -> bool:
 def resolve_kernel(name: str, device, window) -> tuple[str | None, str]:
     """The backend model.py would run for --kernels entry `name` here, or (None, why it cannot run)."""
     import model as model_lib
-    previous = model_lib.set_attention_backend(name)
     try:
-        with torch.enable_grad():
-            return model_lib.pick_attention(None, device, torch.bfloat16, window), ""
+        return model_lib.pick_attention(name, device, torch.bfloat16, window), ""
     except RuntimeError as e:
         return None, str(e)
-    finally:
-        model_lib.set_attention_backend(previous)
 
 
 def time_row(model, optimizer, backend: str, batches, args, device, autocast) -> dict:
     """--warmup untimed then --steps timed optimizer steps with one kernel on one layout's batches."""
-    import model as model_lib
     import train
-    previous = model_lib.set_attention_backend(backend)
+    previous, model.attention = model.attention, backend
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     times, losses = [], []
     try:
         if device.type == "cuda":
@@ -175,17 +170,14 @@ def time_row(model, optimizer, backend: str, batches, args, device, autocast) ->
         for i, batch in enumerate(batches):
             sync(device)
             t = time.perf_counter()
-            sums = train.train_step(model, [batch], args.lam, device, 1, autocast)
-            train.clip_grad_norm(model, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            m = train.train_step(model, [batch], args.lam, device, autocast, optimizer, scheduler, grad_clip=1.0)
             sync(device)
             dt = time.perf_counter() - t
-            losses.append(train.finish_metrics(sums, args.lam)["loss"])
+            losses.append(m["loss"])
             if i >= args.warmup:
                 times.append(dt)
     finally:
-        model_lib.set_attention_backend(previous)
+        model.attention = previous
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return dict(times=times, losses=losses, mem=mem, timed=batches[args.warmup:])
 
@@ -218,7 +210,7 @@ def main(argv=None) -> int:
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     kernels = [x.strip() for x in args.kernels.split(",") if x.strip()]
     bad = [x for x in layouts if x not in ("shared", "unshared")] + \
-          [x for x in kernels if x not in ("auto", "flash", "varlen", "flex", "sdpa")]
+          [x for x in kernels if x not in ("auto", "flash", "varlen", "sdpa")]
     if bad or not layouts or not kernels:
         print(f"unknown or empty --kernels / --layouts entry: {', '.join(bad) or 'none given'}")
         return 2
@@ -257,8 +249,7 @@ def main(argv=None) -> int:
         model.train()
         n_params = sum(p.numel() for p in model.parameters())
         n_matmul = n_params - model.tok_embeddings.weight.numel() * (not config.tie_embeddings)
-        opt_args = argparse.Namespace(lr=1e-5, beta1=0.9, beta2=0.95, weight_decay=0.0)
-        optimizer = train.build_optimizer(opt_args, model, device)
+        optimizer = train.build_optimizer(model, 1e-5, 0.0, device)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16)
         groups, pair_tokens, source = make_batches(args, args.warmup + args.steps)
         packed = {layout: [data_lib.pack_pairs(g, shared_prompt=layout == "shared", prompt_loss=True).to(device)

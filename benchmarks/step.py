@@ -174,25 +174,21 @@ def tokens_per_pair(pairs):
 # the rows (each runs in its own child process)
 
 def ours_row(setup, args, shared_prompt: bool):
-    """Our step through train.py's own functions: train_step (packed_hidden -> token_logps -> orpo_loss,
-    backward), clip_grad_norm, AdamW from build_optimizer."""
+    """Our step through train.py's own: train_step (packed_hidden -> token_logps -> eq. 3 -> L_OR -> eq. 6, backward,
+    grad clipping, AdamW from build_optimizer, a constant schedule)."""
     import data as data_lib
     import model as model_lib
     import train
     cpu = torch.device("cpu")
     model = model_lib.Transformer.from_pretrained(setup["ckpt"])
     model.train()
-    opt_args = argparse.Namespace(lr=LR, beta1=0.9, beta2=0.999, weight_decay=0.0)
-    optimizer = train.build_optimizer(opt_args, model, cpu)
+    optimizer = train.build_optimizer(model, LR, 0.0, cpu)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     batches = [data_lib.pack_pairs([data_lib.TokenizedPair(*(np.asarray(x, np.int32) for x in pr)) for pr in b],
                                    shared_prompt=shared_prompt, prompt_loss=True) for b in setup["batches"]]
 
     def step(i):
-        sums = train.train_step(model, [batches[i]], args.lam, cpu, 1, nullcontext())
-        train.clip_grad_norm(model, GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return train.finish_metrics(sums, args.lam)["loss"]
+        return train.train_step(model, [batches[i]], args.lam, cpu, nullcontext(), optimizer, scheduler, GRAD_CLIP)["loss"]
 
     return step, [b.num_tokens for b in batches]
 

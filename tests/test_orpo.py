@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orpo import average_logps, log1mexp, log_odds_ratio, orpo_loss
+from orpo import average_logps, log1mexp, log_odds_ratio, mean_logps, odds_ratio_loss, orpo_loss
 
 
 def reference_loss(chosen_logps, rejected_logps, chosen_nll, lam):
@@ -133,3 +133,21 @@ def test_lam_zero_never_leaks_nan_into_sft():
     assert loss.item() == pytest.approx(0.25)
     assert torch.equal(nll.grad, torch.tensor([0.5, 0.5]))
     assert torch.equal(chosen.grad, torch.zeros(2)) and torch.equal(rejected.grad, torch.zeros(2))
+
+
+def test_per_pair_terms_give_orpo_loss_and_mean_logps_any_order():
+    """odds_ratio_loss's per-pair L_OR and metrics, averaged, are orpo_loss's; mean_logps (eq. 3 on a packed
+    batch) is average_logps' per-row mean, whatever the order of the tokens."""
+    g = torch.Generator().manual_seed(4)
+    chosen, rejected = -torch.rand(8, generator=g) * 4, -torch.rand(8, generator=g) * 4
+    or_losses, per_pair = odds_ratio_loss(chosen, rejected)
+    loss, m = orpo_loss(chosen, rejected, torch.tensor(0.5), lam=0.2)
+    torch.testing.assert_close(loss, 0.5 + 0.2 * or_losses.mean())
+    for k, v in per_pair.items():
+        assert v.shape == (8,) and not v.requires_grad
+        torch.testing.assert_close(v.mean(), m[k])
+    token_logps, seq = -torch.rand(30, generator=g), torch.randint(0, 3, (30,), generator=g)
+    perm = torch.randperm(30, generator=g)
+    expected = torch.stack([token_logps[seq == s].mean() for s in range(3)])
+    torch.testing.assert_close(mean_logps(token_logps[perm], seq[perm], 3), expected)
+    assert torch.isnan(mean_logps(token_logps, seq, 4)[3])                # a sequence without tokens
