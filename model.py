@@ -1,13 +1,10 @@
 """
-A decoder-only Transformer in one file: Llama, Mistral, OPT and Phi, loading and saving
-Hugging Face safetensors checkpoints, with a padding-free packed forward for ORPO training.
-
-Reading order:
+A decoder-only Transformer in one file: Llama, Mistral, OPT and Phi, loading and saving Hugging Face
+safetensors checkpoints, with a padding-free packed forward for ORPO training. Reading order:
   1. ModelConfig  - one dataclass; the differences between the four families are behaviour flags.
-  2. Attention    - ONE function, `attend`, that dispatches to flash-attn / torch varlen / flex / SDPA,
-                    plus the "layout" (masks, index tensors) it reads, built once per forward.
-  3. Transformer  - embeddings, blocks, final norm, lm_head; packed_hidden, token_logps, generate.
-  4. Checkpoints  - Hub download, per-family name maps, strict loading, sharded saving.
+  2. The model    - norm, rope, Attention, MLP, Block, Transformer (packed_hidden, token_logps, generate).
+  3. Attention    - ONE function, `attend`, over flash-attn / torch varlen / SDPA, and the "layout" it reads.
+  4. Hugging Face - config.json in and out, Hub download, per-family names, strict loading, saving.
 
 The packed batch (data.PackedBatch): N tokens in one flat stream, S segments,
 seg_lens[s] = (shared_len, chosen_len, rejected_len). A token attends to earlier tokens of its own
@@ -76,13 +73,11 @@ class ModelConfig:
     positions: str = "rope"          # rope | learned (OPT; table indexed with position + 2)
     rope_theta: float = 10000.0
     rotary_fraction: float = 1.0     # Phi rotates only the first 40% of each head's dims
-    rope_scaling: dict | None = None # None = plain RoPE; else HF's scaling keys (see _ROPE_SCALING_KEYS), e.g.
-                                     # {"rope_type": "linear", "factor": 2.0}
+    rope_scaling: dict | None = None # None = plain RoPE, else HF's keys, e.g. {"rope_type": "linear", "factor": 2.0}
     learned_pos_offset: int = 2      # OPT reserves the first two rows of its position table
     embed_dim: int | None = None     # OPT's word_embed_proj_dim: != dim adds project_in / project_out
     sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` positions only
     tie_embeddings: bool = False     # lm_head.weight is tok_embeddings.weight
-    init_std: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -110,576 +105,59 @@ class ModelConfig:
                 raise ModelConfigError(f"ModelConfig.{name}={value!r} is not one of {allowed}")
         if self.rotary_dim % 2:
             raise ModelConfigError(f"rotary dims {self.rotary_dim} (head_dim * rotary_fraction) must be even")
-        if self.rope_scaling is not None:
-            _check_rope_scaling(self.rope_scaling)
+        scaling = self.rope_scaling
+        if scaling is not None:
+            rope_type = scaling.get("rope_type") if isinstance(scaling, dict) else None
+            if rope_type not in _ROPE_SCALING_KEYS:
+                raise ModelConfigError(f"ModelConfig.rope_scaling={scaling!r}: want None or a dict whose rope_type "
+                                       f"is one of {sorted(_ROPE_SCALING_KEYS)}")
+            want = {"rope_type", *_ROPE_SCALING_KEYS[rope_type]}
+            if set(scaling) != want:
+                raise ModelConfigError(f"ModelConfig.rope_scaling={scaling!r}: {rope_type!r} takes exactly the keys "
+                                       f"{sorted(want)}")
 
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_fraction) if self.positions == "rope" else 0
 
-    @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        """A Hugging Face config.json (as a dict) -> ModelConfig. Reads both the old layout (top-level
-        rope_theta / rope_scaling / partial_rotary_factor, often no head_dim) and transformers 5's rope_parameters."""
-        family = hf.get("model_type")
-        if family not in _FAMILIES:
-            raise ModelConfigError(f"config.json has model_type {family!r}; supported: {sorted(_FAMILIES)}")
-        return _FROM_HF[family](hf)
-
-    def to_hf(self) -> dict:
-        """ModelConfig -> a config.json dict that transformers 5 AutoModelForCausalLM loads."""
-        return _TO_HF[self.family](self)
-
-
-_ACTIVATIONS = {
-    "swiglu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
-    "relu": F.relu,
-}
-_HF_ACT = {"silu": "swiglu", "swish": "swiglu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-           "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
-
-
-def _need(hf: dict, key: str):
-    if hf.get(key) is None:
-        raise ModelConfigError(f"config.json (model_type {hf.get('model_type')!r}) has no {key!r}")
-    return hf[key]
-
-
-# The rope scaling types we implement, and the keys each one reads (as transformers names them).
-# "dynamic" (NTK) is not here: its frequencies depend on the longest sequence seen at run time.
-_ROPE_SCALING_KEYS = {
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
-
-
-def _check_rope_scaling(scaling: dict):
-    rope_type = scaling.get("rope_type") if isinstance(scaling, dict) else None
-    if rope_type not in _ROPE_SCALING_KEYS:
-        raise ModelConfigError(f"ModelConfig.rope_scaling={scaling!r}: want None or a dict whose rope_type is one of "
-                               f"{sorted(_ROPE_SCALING_KEYS)}")
-    want = {"rope_type", *_ROPE_SCALING_KEYS[rope_type]}
-    if set(scaling) != want:
-        raise ModelConfigError(f"ModelConfig.rope_scaling={scaling!r}: {rope_type!r} takes exactly the keys "
-                               f"{sorted(want)}")
-
-
-def _read_rope(hf: dict, default_fraction: float) -> dict:
-    """theta, rotary fraction and scaling from either config layout."""
-    params = dict(hf.get("rope_parameters") or {})     # transformers 5
-    scaling = hf.get("rope_scaling") or params          # old layout keeps scaling separate
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))   # older configs say "type"
-    if rope_type != "default" and rope_type not in _ROPE_SCALING_KEYS:
-        raise ModelConfigError(f"config.json asks for rope scaling type {rope_type!r}; implemented: "
-                               f"{['default', *_ROPE_SCALING_KEYS]}")
-    rope_scaling = None
-    if rope_type != "default":
-        scaling = dict(scaling)
-        if rope_type == "llama3":   # as transformers: a top-level value wins, then the dict's, then the model's max
-            scaling["original_max_position_embeddings"] = (hf.get("original_max_position_embeddings")
-                                                           or scaling.get("original_max_position_embeddings")
-                                                           or hf.get("max_position_embeddings", 2048))
-        keys = _ROPE_SCALING_KEYS[rope_type]
-        missing = [k for k in keys if scaling.get(k) is None]
-        if missing:
-            raise ModelConfigError(f"config.json rope scaling type {rope_type!r} has no {missing}")
-        rope_scaling = {"rope_type": rope_type,   # lengths are ints, factors floats
-                        **{k: (int if k.startswith("original") else float)(scaling[k]) for k in keys}}
-    return dict(
-        rope_theta=float(params.get("rope_theta", hf.get("rope_theta") or 10000.0)),
-        rotary_fraction=float(params.get("partial_rotary_factor",
-                                         hf.get("partial_rotary_factor") or default_fraction)),
-        rope_scaling=rope_scaling,
-    )
-
-
-def _act(hf: dict, key: str, default: str) -> str:
-    act = hf.get(key) or default
-    if act not in _HF_ACT:
-        raise ModelConfigError(f"config.json {key}={act!r} is not supported; use one of {sorted(_HF_ACT)}")
-    return _HF_ACT[act]
-
-
-def _common_from_hf(hf: dict) -> dict:
-    return dict(vocab_size=_need(hf, "vocab_size"), dim=_need(hf, "hidden_size"),
-                n_layers=_need(hf, "num_hidden_layers"), n_heads=_need(hf, "num_attention_heads"),
-                max_seq_len=hf.get("max_position_embeddings", 2048),
-                bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-                pad_token_id=hf.get("pad_token_id"))
-
-
-def _llama_from_hf(hf: dict) -> ModelConfig:
-    family = hf["model_type"]
-    act = _act(hf, "hidden_act", "silu")
-    if act != "swiglu":
-        raise ModelConfigError(f"{family} config.json hidden_act={hf['hidden_act']!r}: only silu (SwiGLU) "
-                               f"is supported")
-    window = hf.get("sliding_window") if family == "mistral" else None
-    return ModelConfig(family=family, **_common_from_hf(hf), n_kv_heads=hf.get("num_key_value_heads"),
-                       head_dim=hf.get("head_dim"), ffn_dim=_need(hf, "intermediate_size"),
-                       norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       attn_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
-                       mlp_kind="swiglu", sliding_window=window,
-                       tie_embeddings=hf.get("tie_word_embeddings", False), **_read_rope(hf, 1.0))
-
-
-def _phi_from_hf(hf: dict) -> ModelConfig:
-    if hf.get("qk_layernorm"):
-        raise ModelConfigError("phi config.json has qk_layernorm=true, which is not supported")
-    if _act(hf, "hidden_act", "gelu_new") == "swiglu":   # Phi's MLP has no gate: fc2(silu(fc1 x)) is not SwiGLU
-        raise ModelConfigError(f"phi config.json hidden_act={hf.get('hidden_act')!r} (an ungated SiLU MLP) "
-                               f"is not supported")
-    return ModelConfig(family="phi", **_common_from_hf(hf), n_kv_heads=hf.get("num_key_value_heads"),
-                       ffn_dim=_need(hf, "intermediate_size"), norm="layernorm",
-                       norm_eps=hf.get("layer_norm_eps", 1e-5), parallel_residual=True,
-                       attn_bias=True, mlp_bias=True, lm_head_bias=True, mlp_kind=_act(hf, "hidden_act", "gelu_new"),
-                       tie_embeddings=hf.get("tie_word_embeddings", False), **_read_rope(hf, 0.5))
-
-
-def _opt_from_hf(hf: dict) -> ModelConfig:
-    pre = hf.get("do_layer_norm_before", True)
-    act = _act(hf, "activation_function", "relu")
-    if act == "swiglu":
-        raise ModelConfigError(f"opt config.json activation_function={hf.get('activation_function')!r} "
-                               f"is not supported")
-    return ModelConfig(family="opt", **_common_from_hf(hf), ffn_dim=_need(hf, "ffn_dim"), norm="layernorm",
-                       norm_eps=1e-5, norm_affine=hf.get("layer_norm_elementwise_affine", True), pre_norm=pre,
-                       final_norm=pre and not hf.get("_remove_final_layer_norm", False),
-                       attn_bias=hf.get("enable_bias", True), mlp_bias=hf.get("enable_bias", True),
-                       mlp_kind=act, positions="learned", embed_dim=hf.get("word_embed_proj_dim"),
-                       tie_embeddings=hf.get("tie_word_embeddings", True))
-
-
-def _common_to_hf(c: ModelConfig, arch: str) -> dict:
-    return {"architectures": [arch], "model_type": c.family, "vocab_size": c.vocab_size, "hidden_size": c.dim,
-            "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-            "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings,
-            "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
-
-
-def _rope_to_hf(c: ModelConfig, with_fraction: bool) -> dict:
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-    if c.rope_scaling is not None:
-        rope.update(c.rope_scaling)     # rope_type and its keys, named as transformers names them
-    if with_fraction:
-        rope["partial_rotary_factor"] = c.rotary_fraction
-    return {"rope_parameters": rope}
-
-
-def _llama_to_hf(c: ModelConfig) -> dict:
-    arch = "MistralForCausalLM" if c.family == "mistral" else "LlamaForCausalLM"
-    d = _common_to_hf(c, arch)
-    d.update(num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim, intermediate_size=c.ffn_dim,
-             hidden_act="silu", rms_norm_eps=c.norm_eps, **_rope_to_hf(c, False))
-    if c.family == "mistral":
-        d["sliding_window"] = c.sliding_window
-    else:
-        d.update(attention_bias=c.attn_bias, mlp_bias=c.mlp_bias)
-    return d
-
-
-def _phi_to_hf(c: ModelConfig) -> dict:
-    if c.head_dim * c.n_heads != c.dim:
-        raise ModelConfigError("phi requires head_dim * n_heads == dim")
-    d = _common_to_hf(c, "PhiForCausalLM")
-    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.mlp_kind]
-    d.update(num_key_value_heads=c.n_kv_heads, intermediate_size=c.ffn_dim, hidden_act=act,
-             layer_norm_eps=c.norm_eps, qk_layernorm=False, **_rope_to_hf(c, True))
-    return d
-
-
-def _opt_to_hf(c: ModelConfig) -> dict:
-    d = _common_to_hf(c, "OPTForCausalLM")
-    d.update(ffn_dim=c.ffn_dim, word_embed_proj_dim=c.embed_dim, do_layer_norm_before=c.pre_norm,
-             _remove_final_layer_norm=c.pre_norm and not c.final_norm, enable_bias=c.attn_bias,
-             layer_norm_elementwise_affine=c.norm_affine,
-             activation_function=c.mlp_kind.replace("gelu_tanh", "gelu_new"))
-    return d
-
 
 _FAMILIES = ("llama", "mistral", "opt", "phi")
-_FROM_HF = {"llama": _llama_from_hf, "mistral": _llama_from_hf, "phi": _phi_from_hf, "opt": _opt_from_hf}
-_TO_HF = {"llama": _llama_to_hf, "mistral": _llama_to_hf, "phi": _phi_to_hf, "opt": _opt_to_hf}
+_ACTIVATIONS = {"swiglu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+                "relu": F.relu}
+# The rope scaling types we implement, and the keys each one reads (as transformers names them).
+# "dynamic" (NTK) is not here: its frequencies depend on the longest sequence seen at run time.
+_ROPE_SCALING_KEYS = {"linear": ("factor",),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
 
 # The families the paper trains (Table 1), by Hub repo id, plus a tiny random Llama for the CPU demo.
 PRESETS: dict[str, str | ModelConfig] = {
-    "mistral-7b": "mistralai/Mistral-7B-v0.1",
-    "llama2-7b": "meta-llama/Llama-2-7b-hf",
-    "phi-2": "microsoft/phi-2",
-    "opt-125m": "facebook/opt-125m",
-    "opt-350m": "facebook/opt-350m",
-    "opt-1.3b": "facebook/opt-1.3b",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1", "llama2-7b": "meta-llama/Llama-2-7b-hf", "phi-2": "microsoft/phi-2",
+    "opt-125m": "facebook/opt-125m", "opt-350m": "facebook/opt-350m", "opt-1.3b": "facebook/opt-1.3b",
     "tiny": ModelConfig(family="llama", vocab_size=512, dim=96, n_layers=3, n_heads=6, n_kv_heads=2,
                         ffn_dim=256, max_seq_len=1024, norm_eps=1e-5, tie_embeddings=True),
 }
 
 
 # -----------------------------------------------------------------------------
-# 2. Attention: one function, four kernels, and the layout they read
+# 2. The model
 
 
-_BACKENDS = ("auto", "sdpa", "flash", "varlen", "flex")
-_backend = os.environ.get("ORPO_ATTENTION", "auto")
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 (bf16 sums of squares lose precision), scale in the input dtype, as Llama does
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def set_attention_backend(name: str) -> str:
-    """Force a kernel: "auto" (flash-attn > torch varlen > SDPA), "sdpa", "flash", "varlen" or "flex".
-    Returns the previous choice (tests restore it). The env var ORPO_ATTENTION sets the initial one.
-    "flex" is opt-in: it has not yet been measured faster than the varlen kernels on a GPU."""
-    global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not one of {_BACKENDS}")
-    previous, _backend = _backend, name
-    return previous
-
-
-@functools.cache
-def _flash_varlen():
-    try:
-        from flash_attn import flash_attn_varlen_func
-        return flash_attn_varlen_func
-    except Exception:  # not installed, or built for another torch / CUDA
-        return None
-
-
-@functools.cache
-def _torch_varlen():
-    """torch.nn.attention.varlen.varlen_attn (torch >= 2.10) and the keyword names this version takes."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
-
-
-@functools.cache
-def _flex(device_type: str):
-    """(flex_attention, create_block_mask) for this device, or None before torch 2.5. On CUDA the kernel is
-    torch.compile'd (eager flex materialises every score); on the CPU it stays eager, forward only."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return None
-    if device_type == "cuda":
-        # dynamic: every packed batch has another length N; one compiled kernel serves them all
-        return torch.compile(flex_attention, dynamic=True), functools.partial(create_block_mask, _compile=True)
-    return flex_attention, create_block_mask
-
-
-def pick_attention(requested: str | None, device: torch.device, dtype: torch.dtype, window: int | None) -> str:
-    """The kernel that runs for `requested` ("auto" or a name; None = the module default) on this device and
-    dtype; RuntimeError when a named kernel cannot run here."""
-    _backend = globals()["_backend"] if requested is None else requested
-    # flash kernels are CUDA-only and half-precision-only; fp32 or CPU tensors take the SDPA path
-    fast_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-    tv = _torch_varlen()
-    varlen_ok = fast_ok and tv is not None and (window is None or "window_size" in tv[1])
-    if _backend == "flash" and not (fast_ok and _flash_varlen()):
-        raise RuntimeError("attention backend 'flash' needs flash-attn installed and fp16/bf16 CUDA tensors")
-    if _backend == "varlen" and not varlen_ok:
-        raise RuntimeError("attention backend 'varlen' needs torch.nn.attention.varlen on fp16/bf16 CUDA tensors "
-                           "(and torch >= 2.12 for a sliding window)")
-    if _backend == "flex":
-        if _flex(device.type) is None:
-            raise RuntimeError("attention backend 'flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
-        if device.type != "cuda" and torch.is_grad_enabled():
-            raise RuntimeError("attention backend 'flex' has no backward on the CPU (torch's flex_attention "
-                               "trains on CUDA only); use 'sdpa' to train on the CPU, or run under torch.no_grad()")
-    if _backend != "auto":
-        return _backend
-    if fast_ok and _flash_varlen():
-        return "flash"
-    return "varlen" if varlen_ok else "sdpa"
-
-
-def compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype attention will see: autocast's when autocast is on for the weight's device (float32 master
-    weights under bf16 autocast compute in bf16, and must get the bf16 kernels), else the weight's own."""
-    if torch.is_autocast_enabled(weight.device.type):
-        return torch.get_autocast_dtype(weight.device.type)
-    return weight.dtype
-
-
-@dataclass
-class Layout:
-    """Everything attention needs besides q, k, v; built once per forward, shared by all blocks.
-
-    backend "dense": q (B, T, H, hd) with a (B, 1, T, Tk) bool mask or plain causal (forward, generate).
-    backend "sdpa":  packed q (N, H, hd); one SDPA call per entry of `calls` (see _sdpa_layout), each on a
-                     padded (G, L) grid gathered from the packed rows, outputs scattered back by ungrid_index.
-    backend "flash" / "varlen": cu_seqlens; for the shared-prompt layout two calls (see _varlen_packed).
-    backend "flex":  one flex_attention call over the whole packed stream with a BlockMask (see _flex_layout).
-    """
-    backend: str
-    window: int | None = None
-    mask: torch.Tensor | None = None
-    is_causal: bool = False
-    # sdpa: per call (q_index (G*Lq,) | None, kv_index (G*Lk,) | None, mask (G, 1, Lq, Lk) | None, (G, Lq, Lk));
-    # None index = all N rows in order; None mask = plain causal (is_causal: the kernel skips masked blocks)
-    calls: tuple = ()
-    ungrid_index: torch.Tensor | None = None   # (N,) row of cat(call outputs) holding each packed row
-    # flash / varlen: call 1 over [prompt | chosen] of every segment
-    main_index: torch.Tensor | None = None     # (N1,) packed rows of [prompt|chosen]; None = all rows
-    cu_main: torch.Tensor | None = None
-    max_main: int = 0
-    # call 2: queries = rejected tokens, keys = [prompt | rejected]
-    rej_index: torch.Tensor | None = None      # (N2,)
-    rej_kv_index: torch.Tensor | None = None   # (N3,)
-    cu_rej_q: torch.Tensor | None = None
-    cu_rej_k: torch.Tensor | None = None
-    max_rej_q: int = 0
-    max_rej_k: int = 0
-    unperm_index: torch.Tensor | None = None   # (N,) row of cat(call 1, call 2) holding each packed row
-    # flex: which 128 x 128 tiles of the (N, N) score matrix to compute, and the rule inside partial tiles
-    block_mask: object = None
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd) + mask) v, for every layout. k, v may have fewer (GQA) heads than q.
-    Packed: (N, H, hd), (N, Hkv, hd) -> (N, H, hd). Dense: (B, T, H, hd), (B, Tk, Hkv, hd) -> (B, T, H, hd)."""
-    gqa = k.shape[-2] != q.shape[-2]
-    if layout.backend == "dense":
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=layout.mask, is_causal=layout.is_causal, enable_gqa=gqa)
-        return o.transpose(1, 2)                                            # (B, T, H, hd)
-    if layout.backend == "sdpa":
-        outs = []
-        for q_index, kv_index, mask, (G, Lq, Lk) in layout.calls:
-            qg = _to_grid(q, q_index, G, Lq)                                # (G, H, Lq, hd)
-            kg, vg = _to_grid(k, kv_index, G, Lk), _to_grid(v, kv_index, G, Lk)  # (G, Hkv, Lk, hd)
-            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=gqa)                      # (G, H, Lq, hd)
-            outs.append(o.transpose(1, 2).reshape(G * Lq, *q.shape[1:]))   # (G*Lq, H, hd)
-        o = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return o if layout.ungrid_index is None else o.index_select(0, layout.ungrid_index)
-    if layout.backend == "flex":
-        flex_attention, _ = _flex(q.device.type)
-        qf, kf, vf = (t.transpose(0, 1)[None] for t in (q, k, v))                  # (1, H, N, hd)
-        return flex_attention(qf, kf, vf, block_mask=layout.block_mask, enable_gqa=gqa)[0].transpose(0, 1)
-    return _varlen_packed(q, k, v, layout)
-
-
-def _to_grid(t: torch.Tensor, index: torch.Tensor | None, G: int, L: int) -> torch.Tensor:
-    """Packed (N, H, hd) -> (G, H, L, hd): the rows named by index (G*L,), or all N rows as one grid row."""
-    if index is not None:
-        t = t.index_select(0, index)
-    return t.view(G, L, *t.shape[1:]).transpose(1, 2)
-
-
-def _varlen_packed(q, k, v, layout: Layout) -> torch.Tensor:
-    """flash-attn / torch varlen. The unshared layout is one causal call over all segments. The shared
-    layout needs two: [prompt|chosen] is an ordinary causal sequence; rejected queries attend to
-    [prompt|rejected] keys, causal aligned at the bottom-right (query r_k sits at key p + k), which the
-    varlen kernels implement whenever the query and key lengths differ."""
-    if layout.main_index is None:
-        return _varlen_call(layout.backend, q, k, v, layout.cu_main, layout.cu_main,
-                            layout.max_main, layout.max_main, layout.window)
-    mi = layout.main_index
-    o1 = _varlen_call(layout.backend, q[mi], k[mi], v[mi], layout.cu_main, layout.cu_main,
-                      layout.max_main, layout.max_main, layout.window)
-    ri, rk = layout.rej_index, layout.rej_kv_index
-    o2 = _varlen_call(layout.backend, q[ri], k[rk], v[rk], layout.cu_rej_q, layout.cu_rej_k,
-                      layout.max_rej_q, layout.max_rej_k, layout.window)
-    return torch.cat([o1, o2]).index_select(0, layout.unperm_index)
-
-
-def _varlen_call(backend, q, k, v, cu_q, cu_k, max_q, max_k, window):
-    # Both kernels take window_size=(left, right): query i sees keys i-left .. i+right (bottom-right
-    # aligned). Our window w keeps keys with pos_i - pos_j < w, i.e. pos_i - pos_j <= w - 1: left = w - 1.
-    left = window - 1 if window else -1
-    if backend == "flash":
-        return _flash_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window_size=(left, 0))
-    varlen_attn, params = _torch_varlen()
-    kw = {}
-    if "window_size" in params:   # torch >= 2.12: (-1, 0) means causal
-        kw["window_size"] = (left, 0)
-    else:                         # torch 2.10 / 2.11: a flag (no window; pick_attention checked)
-        kw["is_causal"] = True
-    if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
-            kw["enable_gqa"] = True
-        else:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
-
-
-def packed_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None,
-                  dtype: torch.dtype, requested: str | None = None) -> Layout:
-    """The attention layout of a packed batch, computed once per forward (not per block).
-    seg_lens (S, 3) on CPU: (shared, chosen, rejected) lengths per segment."""
-    device = position_ids.device
-    backend = pick_attention(requested, device, dtype, window)
-    if backend == "sdpa":
-        return _sdpa_layout(seg_lens, position_ids, window)
-    if backend == "flex":
-        return _flex_layout(seg_lens, position_ids, window)
-    return _varlen_layout(seg_lens, window, backend, device)
-
-
-def _sdpa_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> Layout:
-    """Two ways to run a packed batch through SDPA; take the one that computes fewer attention scores:
-      flat:  one (N, N) mask over the whole stream: N^2 scores, no gathers;
-      grids: the varlen decomposition on padded grids (_grid_layout). Grid A, SA rows of LA = max(p + c):
-             SA * LA^2 scores, half that when it runs as plain is_causal (no window inside LA), as the
-             CPU kernel then skips the blocks above the diagonal. Grid B: SB * max(r) * max(p + r)."""
-    p, c, r = seg_lens.unbind(1)
-    N, m, has_r = int(seg_lens.sum()), p + c, r > 0
-    LA = int(m.max())
-    grid_cost = int((m > 0).sum()) * LA * LA // (2 if window is None or LA <= window else 1)
-    grid_cost += int(has_r.sum()) * int(r.max()) * int(((p + r) * has_r).max())
-    if N * N <= grid_cost:
-        return _flat_layout(seg_lens, position_ids, window)
-    return _grid_layout(seg_lens, position_ids, window)
-
-
-def _token_tags(seg_lens: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) segment of each packed token, and (N,) its branch: 0 shared prompt, 1 chosen, 2 rejected."""
-    S = len(seg_lens)
-    seg_id = torch.repeat_interleave(torch.arange(S), seg_lens.sum(1)).to(device)
-    branch = torch.repeat_interleave(torch.arange(3).repeat(S), seg_lens.flatten()).to(device)
-    return seg_id, branch
-
-
-def _visible(seg_id, branch, position_ids, window, q, k):
-    """The attention rule of a packed batch, for query rows q and key rows k (any broadcastable shapes):
-    same segment, causal in packed order, a rejected token never sees a chosen one, and Mistral's window
-    in position space. The flat SDPA mask and the flex mask_mod both evaluate exactly this."""
-    visible = (seg_id[q] == seg_id[k]) & (q >= k) & ((branch[k] == 0) | (branch[k] == branch[q]))
-    if window is not None:
-        visible = visible & ((position_ids[q] - position_ids[k]) < window)
-    return visible
-
-
-def _flat_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> Layout:
-    """One SDPA call over all N rows, with the attention rule as one (1, 1, N, N) bool mask."""
-    seg_id, branch = _token_tags(seg_lens, position_ids.device)
-    order = torch.arange(len(seg_id), device=position_ids.device)
-    mask = _visible(seg_id, branch, position_ids, window, order[:, None], order[None, :])        # (N, N)
-    return Layout("sdpa", window, calls=((None, None, mask[None, None], (1, len(order), len(order))),))
-
-
-def _flex_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> Layout:
-    """flex_attention over the whole stream: the same rule as _flat_layout, as a mask_mod. create_block_mask
-    evaluates it once per forward and keeps, per 128-row query tile, the key tiles that have any visible
-    pair, so the kernel skips other segments and, in the shared layout, the chosen x rejected tiles."""
-    device = position_ids.device
-    seg_id, branch = _token_tags(seg_lens, device)
-
-    def mask_mod(b, h, q, k):
-        return _visible(seg_id, branch, position_ids, window, q, k)
-
-    N = len(seg_id)
-    _, create_block_mask = _flex(device.type)
-    return Layout("flex", window, block_mask=create_block_mask(mask_mod, None, None, N, N, device=device))
-
-
-def _grid_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> Layout:
-    """Grid A: (S, max p+c) [prompt|chosen] rows, causal. Grid B (shared layout only): (S_r, max r) rejected
-    queries against (S_r, max p+r) [prompt|rejected] keys, causal aligned bottom-right (query k sees key p+k)."""
-    device = position_ids.device
-    main_index, main_lens, rej_index, rej_lens, kv_index, kv_lens = _split_indices(seg_lens)
-    qa, qa_valid, cells_a = _pad(main_index, main_lens, device)                    # (SA*LA,), (SA, LA), (N1,)
-    (SA, LA) = qa_valid.shape
-    # right padding never shows in a valid causal row, so grid A needs a mask only where the window binds
-    mask_a = None if window is None or LA <= window else _grid_mask(qa, qa_valid, qa, qa_valid, 0,
-                                                                    position_ids, window)
-    calls = [(qa, qa, mask_a, (SA, LA, LA))]
-    ungrid = torch.empty(int(seg_lens.sum()), dtype=torch.long)
-    ungrid[main_index] = cells_a
-    if len(rej_lens):
-        qb, qb_valid, cells_b = _pad(rej_index, rej_lens, device)                  # (SB*LBq,), (SB, LBq)
-        kb, kb_valid, _ = _pad(kv_index, kv_lens, device)                          # (SB*LBk,), (SB, LBk)
-        shift = (kv_lens - rej_lens).to(device)                                    # = p: bottom-right alignment
-        calls.append((qb, kb, _grid_mask(qb, qb_valid, kb, kb_valid, shift, position_ids, window),
-                      (*qb_valid.shape, kb_valid.shape[1])))
-        ungrid[rej_index] = len(qa) + cells_b
-    return Layout("sdpa", window, calls=tuple(calls), ungrid_index=ungrid.to(device))
-
-
-def _grid_mask(q_rows, q_valid, k_rows, k_valid, shift, position_ids, window) -> torch.Tensor:
-    """(G, 1, Lq, Lk) bool: key j of a grid row is visible to query i iff j <= i + shift (per row; 0 = plain
-    causal, k_len - q_len = bottom-right aligned) and within the window in position space."""
-    (G, Lq), Lk = q_valid.shape, k_valid.shape[1]
-    i, j = torch.arange(Lq, device=q_rows.device)[:, None], torch.arange(Lk, device=q_rows.device)[None, :]
-    mask = k_valid[:, None, :] & (j <= i + torch.as_tensor(shift).view(-1, 1, 1))  # (G, Lq, Lk)
-    if window is not None:
-        mask &= (position_ids[q_rows].view(G, Lq, 1) - position_ids[k_rows].view(G, 1, Lk)) < window
-    mask |= ~q_valid[:, :, None]                                   # padding rows: never all-masked (NaN)
-    return mask[:, None]
-
-
-def _pad(rows: torch.Tensor, lens: torch.Tensor, device):
-    """Ragged packed rows (sum(lens),) -> a padded (G, L) grid of them, flattened (G*L,) (padding cells show
-    row 0), the (G, L) valid mask (both on device), and the grid cell of each ragged row. G = len(lens)."""
-    G, L = len(lens), int(lens.max())
-    cells = _ranges(torch.arange(G) * L, lens)                                     # (sum(lens),)
-    grid = torch.zeros(G * L, dtype=torch.long)
-    grid[cells] = rows
-    valid = torch.zeros(G * L, dtype=torch.bool)
-    valid[cells] = True
-    return grid.to(device), valid.view(G, L).to(device), cells
-
-
-def _ranges(starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """cat([arange(s, s + l) for s, l in zip(starts, lens)]) without a Python loop."""
-    seg = torch.repeat_interleave(torch.arange(len(lens)), lens)
-    offsets = torch.arange(int(lens.sum())) - (torch.cumsum(lens, 0) - lens)[seg]
-    return starts[seg] + offsets
-
-
-def _cu(lens: torch.Tensor, device) -> torch.Tensor:
-    return F.pad(torch.cumsum(lens, 0), (1, 0)).to(device=device, dtype=torch.int32)
-
-
-def _split_indices(seg_lens: torch.Tensor):
-    """The two-call decomposition of a packed batch, as CPU index tensors into the N packed rows:
-    main_index (N1,) the [prompt|chosen] rows, in segments of main_lens; rej_index (N2,) the rejected rows,
-    in segments of rej_lens; kv_index (N3,) the [prompt|rejected] rows, in segments of kv_lens. Segments with
-    an empty part are left out of that part's lens (rej_lens is empty in the unshared layout)."""
-    p, c, r = seg_lens.unbind(1)
-    starts = torch.cumsum(p + c + r, 0) - (p + c + r)
-    has_r = r > 0
-    main_index = _ranges(starts, p + c)
-    rej_index = _ranges((starts + p + c)[has_r], r[has_r])
-    # keys of call 2: the prompt rows, then the rejected rows, of each segment that has a rejected part
-    kv_lens = (p + r)[has_r]
-    kv = _ranges(torch.zeros_like(kv_lens), kv_lens)                          # offset inside [prompt|rejected]
-    kv_seg = torch.repeat_interleave(torch.arange(len(kv_lens)), kv_lens)
-    kv_index = starts[has_r][kv_seg] + kv + torch.where(kv >= p[has_r][kv_seg], c[has_r][kv_seg], 0)
-    return main_index, (p + c)[(p + c) > 0], rej_index, r[has_r], kv_index, kv_lens
-
-
-def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, device) -> Layout:
-    # Assumes position_ids run 0..p+c-1 over [prompt|chosen] and p..p+r-1 over rejected (the contract),
-    # so index distance inside each call equals position distance and window_size implements the window.
-    main_index, main_lens, rej_index, rej_lens, kv_index, kv_lens = _split_indices(seg_lens)
-    layout = Layout(backend, window, cu_main=_cu(main_lens, device), max_main=int(main_lens.max()))
-    if len(rej_lens) == 0:    # unshared layout: every segment is one causal sequence, no gathers needed
-        return layout
-    perm = torch.cat([main_index, rej_index])
-    unperm = torch.empty_like(perm)
-    unperm[perm] = torch.arange(len(perm))
-    layout.main_index, layout.rej_index, layout.rej_kv_index, layout.unperm_index = (
-        t.to(device) for t in (main_index, rej_index, kv_index, unperm))
-    layout.cu_rej_q, layout.cu_rej_k = _cu(rej_lens, device), _cu(kv_lens, device)
-    layout.max_rej_q, layout.max_rej_k = int(rej_lens.max()), int(kv_lens.max())
-    return layout
-
-
-def dense_causal_layout(T: int, window: int | None, device) -> Layout:
-    """An ordinary (B, T) batch: plain causal, plus the sliding window when the sequence exceeds it."""
-    if window is None or T <= window:
-        return Layout("dense", window, is_causal=True)
-    i = torch.arange(T, device=device)
-    mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-    return Layout("dense", window, mask=mask)
-
-
-# -----------------------------------------------------------------------------
-# 3. The model
+def make_norm(c: ModelConfig) -> nn.Module:
+    if c.norm == "rmsnorm":
+        return RMSNorm(c.dim, c.norm_eps)
+    return nn.LayerNorm(c.dim, eps=c.norm_eps, elementwise_affine=c.norm_affine, bias=c.norm_affine)
 
 
 def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
@@ -720,23 +198,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # normalise in float32 (bf16 sums of squares lose precision), scale in the input dtype, as Llama does
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-
-def make_norm(c: ModelConfig) -> nn.Module:
-    if c.norm == "rmsnorm":
-        return RMSNorm(c.dim, c.norm_eps)
-    return nn.LayerNorm(c.dim, eps=c.norm_eps, elementwise_affine=c.norm_affine, bias=c.norm_affine)
-
-
 class KVCache:
     """Keys and values of one block for generation: (B, T_max, Hkv, hd), filled left to right."""
 
@@ -746,10 +207,8 @@ class KVCache:
         self.length = 0
 
     def update(self, k, v):
-        T = k.shape[1]
-        self.k[:, self.length:self.length + T] = k
-        self.v[:, self.length:self.length + T] = v
-        self.length += T
+        start, self.length = self.length, self.length + k.shape[1]
+        self.k[:, start:self.length], self.v[:, start:self.length] = k, v
         return self.k[:, :self.length], self.v[:, :self.length]
 
 
@@ -813,10 +272,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, attention: str | None = None):
+    def __init__(self, config: ModelConfig, attention: str | None = "auto"):
         super().__init__()
         c = self.config = config
-        self.attention = attention   # kernel of the packed forward: "auto", a name, None = module default
+        self.attention = attention   # the packed forward's kernel, see pick_attention (None = "auto")
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.embed_dim)
         self.pos_embeddings = (nn.Embedding(c.max_seq_len + c.learned_pos_offset, c.dim)
                                if c.positions == "learned" else None)
@@ -829,10 +288,6 @@ class Transformer(nn.Module):
         self.tie_weights()
         self.init_weights()
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.layers
-
     def tie_weights(self):
         """Re-point lm_head at the embedding (needed again after to_empty / assign-loading)."""
         if self.config.tie_embeddings:
@@ -843,7 +298,7 @@ class Transformer(nn.Module):
         """Random init: N(0, 0.02) for matrices and embeddings, zero biases, unit norms; the projections
         that write into the residual stream (wo, w2) scaled by 1/sqrt(2 n_layers) as in GPT-2, so the
         residual stream's variance does not grow with depth."""
-        std = self.config.init_std
+        std = 0.02
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -853,8 +308,6 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
             else:
                 nn.init.normal_(p, 0.0, std)
-
-    # --- the trunk, shared by every entry point -------------------------------------------------
 
     def _trunk(self, input_ids, position_ids, layout: Layout, caches=None) -> torch.Tensor:
         """Tokens (*P,) with positions (*P,) -> final hidden (*P, embed_dim), before lm_head."""
@@ -870,8 +323,7 @@ class Transformer(nn.Module):
             x = x + self.pos_embeddings(position_ids + c.learned_pos_offset)
         rope = rope_cos_sin(c, position_ids) if c.positions == "rope" else None  # once, for all blocks
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for i, block in enumerate(self.layers):
-            cache = None if caches is None else caches[i]
+        for block, cache in zip(self.layers, caches or [None] * len(self.layers)):
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, layout, cache, use_reentrant=False)
             else:
@@ -892,12 +344,14 @@ class Transformer(nn.Module):
     def packed_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                       seg_lens: torch.Tensor) -> torch.Tensor:
         """The padding-free forward: (N,), (N,), (S, 3) -> final hidden states (N, embed_dim)."""
-        N = input_ids.shape[0]
-        if input_ids.dim() != 1 or position_ids.shape != input_ids.shape or int(seg_lens.sum()) != N:
+        if input_ids.dim() != 1 or position_ids.shape != input_ids.shape or int(seg_lens.sum()) != len(input_ids):
             raise ValueError(f"packed batch mismatch: input_ids {tuple(input_ids.shape)}, position_ids "
                              f"{tuple(position_ids.shape)}, seg_lens summing to {int(seg_lens.sum())}")
-        layout = packed_layout(seg_lens.cpu(), position_ids, self.config.sliding_window,
-                               compute_dtype(self.tok_embeddings.weight), self.attention)
+        # the kernel follows the dtype attention computes in: float32 master weights under bf16 autocast
+        # compute in bf16, and must get the bf16 kernels
+        w = self.tok_embeddings.weight
+        dtype = _autocast_dtype(w.device.type) or w.dtype
+        layout = packed_layout(seg_lens.cpu(), position_ids, self.config.sliding_window, dtype, self.attention)
         return self._trunk(input_ids, position_ids, layout)
 
     def token_logps(self, hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
@@ -906,17 +360,13 @@ class Transformer(nn.Module):
         h = hidden.index_select(0, index)                                     # (M, D)
         return ChunkedTokenLogps.apply(h, self.lm_head.weight, self.lm_head.bias, targets, chunk_size)
 
-    # --- generation --------------------------------------------------------------------------
-
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 1.0,
                  top_p: float = 1.0, eos_id: int | None = None,
                  generator: torch.Generator | None = None) -> list[list[int]]:
-        """Sample continuations with a KV cache, all prompts at once. Returns the new tokens of each
-        prompt (up to and including eos_id). temperature 0 = greedy.
-
-        Prompts of different lengths are left-padded: pad keys are masked out, and each row's positions
-        count only its real tokens, so every row computes exactly what it would compute alone."""
+        """Sample continuations with a KV cache, all prompts at once: the new tokens of each prompt (up to and
+        including eos_id); temperature 0 = greedy. Prompts are left-padded: pad keys are masked out, and each row's
+        positions count only its real tokens, so every row computes exactly what it would compute alone."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs a non-empty list of non-empty prompts")
         check_sampling(temperature, top_p)
@@ -925,56 +375,40 @@ class Transformer(nn.Module):
         T_max = T0 + max_new_tokens
         if c.positions == "learned" and T_max > c.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {T_max} exceeds the model's {c.max_seq_len} positions")
-        ids = torch.zeros(B, T0, dtype=torch.long, device=device)
-        key_valid = torch.zeros(B, T_max, dtype=torch.bool, device=device)   # real (non-pad) cache slots
+        ids = torch.zeros(B, T_max, dtype=torch.long, device=device)
+        real = torch.zeros(B, T_max, dtype=torch.bool, device=device)      # not left padding
         for b, p in enumerate(prompts):
-            ids[b, T0 - len(p):] = torch.tensor(p, device=device)
-            key_valid[b, T0 - len(p):T0] = True
-        key_pos = torch.zeros(B, T_max, dtype=torch.long, device=device)
-        key_pos[:, :T0] = (key_valid[:, :T0].cumsum(1) - 1).clamp(min=0)
+            ids[b, T0 - len(p):T0] = torch.tensor(p, device=device)
+            real[b, T0 - len(p):] = True
+        pos = (real.cumsum(1) - 1).clamp(min=0)                             # (B, T_max)
+        slot = torch.arange(T_max, device=device)
         caches = [KVCache(B, T_max, c.n_kv_heads, c.head_dim, self.tok_embeddings.weight.dtype, device)
                   for _ in self.layers]
-        # prefill: the whole (padded) prompt in one pass
-        i = torch.arange(T0, device=device)
-        mask = key_valid[:, None, :T0] & (i[:, None] >= i[None, :])          # (B, T0, T0)
-        mask = self._windowed(mask, key_pos[:, :T0, None], key_pos[:, None, :T0])
-        mask |= torch.eye(T0, dtype=torch.bool, device=device)               # pad rows attend to themselves
-        hidden = self._trunk(ids, key_pos[:, :T0], Layout("dense", mask=mask[:, None]), caches)
-        logits = self.lm_head(hidden[:, -1])                                  # (B, V)
-        out, done = [[] for _ in range(B)], [False] * B
-        pos = key_pos[:, T0 - 1] + 1                                          # (B,) next position per row
-        for step in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_p, generator)          # (B,)
+        out, done, start = [[] for _ in range(B)], [False] * B, 0
+        for end in range(T0, T_max):   # the first pass reads the whole (padded) prompt, the others one token
+            q, k = slot[start:end, None], slot[None, :end]
+            mask = (real[:, None, :end] & (k <= q)) | (k == q)                 # (B, Tq, Tk); pad rows see themselves
+            if c.sliding_window is not None:
+                mask &= pos[:, start:end, None] - pos[:, None, :end] < c.sliding_window
+            hidden = self._trunk(ids[:, start:end], pos[:, start:end], Layout("sdpa", mask=mask[:, None]), caches)
+            tok = sample_next(self.lm_head(hidden[:, -1]), temperature, top_p, generator)   # (B,)
             for b, t in enumerate(tok.tolist()):
                 if not done[b]:
                     out[b].append(t)
                     done[b] = t == eos_id
-            if all(done) or step == max_new_tokens - 1:
+            if all(done):
                 break
-            t = T0 + step
-            key_valid[:, t], key_pos[:, t] = True, pos
-            mask = self._windowed(key_valid[:, None, :t + 1], pos[:, None, None], key_pos[:, None, :t + 1])
-            hidden = self._trunk(tok[:, None], pos[:, None], Layout("dense", mask=mask[:, None]), caches)
-            logits = self.lm_head(hidden[:, -1])
-            pos = pos + 1
+            ids[:, end], start = tok, end
         return out
-
-    def _windowed(self, mask, pos_q, pos_k):
-        w = self.config.sliding_window
-        return mask if w is None else mask & (pos_q - pos_k < w)
-
-    # --- checkpoints ------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "Transformer":
+                        device: str | torch.device = "cpu") -> Transformer:
         """A preset name, local HF directory or Hub repo id -> model with its weights, in `dtype` on `device`.
         The "tiny" preset (a ModelConfig, not a checkpoint) gives a randomly initialised model."""
-        preset = PRESETS.get(str(name_or_path))
-        if isinstance(preset, ModelConfig) and not Path(name_or_path).is_dir():
-            return cls(preset).to(device=device, dtype=dtype)
-        ckpt = resolve_checkpoint(name_or_path)
-        config = load_config(ckpt)
+        config, ckpt = resolve_model(name_or_path)
+        if ckpt is None:
+            return cls(config).to(device=device, dtype=dtype)
         with torch.device("meta"):          # no memory, no init: the checkpoint provides every value
             model = cls(config)
         for name, tensor in iter_hf_tensors(ckpt, config):
@@ -983,8 +417,6 @@ class Transformer(nn.Module):
             param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=True)
             setattr(model.get_submodule(module_name), leaf, param)
         model.tie_weights()
-        left = [n for n, p in model.named_parameters() if p.is_meta]
-        assert not left, f"parameters left unloaded: {left[:3]}"   # iter_hf_tensors validated; cannot happen
         return model
 
     def save_pretrained(self, out_dir: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
@@ -1037,18 +469,15 @@ class ChunkedTokenLogps(torch.autograd.Function):
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk_size = chunk_size
         # backward runs outside autocast: remember it, so the recomputed logits match the forward's
-        dev = h.device.type
-        ctx.amp_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        ctx.amp_dtype = _autocast_dtype(h.device.type)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         h, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)   # float32 even for bf16
+        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         amp = torch.autocast(h.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None)
         for s in range(0, h.shape[0], ctx.chunk_size):
             e = s + ctx.chunk_size
@@ -1057,19 +486,323 @@ class ChunkedTokenLogps(torch.autograd.Function):
                 logits = F.linear(hc, weight, bias).float()                  # recomputed, (C, V)
             grad_logits = logits.sub_(lse[s:e, None]).exp_().mul_(-g[:, None])  # -g * softmax, in place
             grad_logits.scatter_add_(1, targets[s:e, None], g[:, None])      # + g * onehot(target)
-            if need_b:
+            if grad_b is not None:
                 grad_b += grad_logits.sum(0)
-            if need_w:   # accumulate over chunks in float32 even for bf16 weights
-                grad_w.addmm_(grad_logits.t(), hc.float())
-            if need_h:
-                with amp:
-                    grad_h[s:e] = (grad_logits.to(weight.dtype) @ weight).to(h.dtype)
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+            grad_w.addmm_(grad_logits.t(), hc.float())
+            with amp:
+                grad_h[s:e] = (grad_logits.to(weight.dtype) @ weight).to(h.dtype)
+        return grad_h, grad_w.to(weight.dtype), None if bias is None else grad_b.to(bias.dtype), None, None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, or None when autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 # -----------------------------------------------------------------------------
-# 4. Checkpoints: Hub download, name maps, strict loading, saving
+# 3. Attention: one function, three kernels, and the layout they read
+
+
+KERNELS = ("auto", "sdpa", "flash", "varlen")
+
+
+@functools.cache
+def _flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+        return flash_attn_varlen_func
+    except Exception:  # not installed, or built for another torch / CUDA
+        return None
+
+
+@functools.cache
+def _torch_varlen():
+    """torch.nn.attention.varlen.varlen_attn (torch >= 2.10) and the keyword names this version takes."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+def pick_attention(requested: str | None, device: torch.device, dtype: torch.dtype,
+                   window: int | None = None) -> str:
+    """The kernel that runs for `requested` on this device and dtype: "auto" (or None) takes flash-attn, else
+    torch varlen, else SDPA; "sdpa", "flash" or "varlen" that one, a RuntimeError when it cannot run here."""
+    requested = requested or "auto"
+    if requested not in KERNELS:
+        raise ValueError(f"attention kernel {requested!r} is not one of {KERNELS}")
+    # the varlen kernels are CUDA-only and half-precision-only; fp32 or CPU tensors take the SDPA path
+    fast_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    flash_ok = fast_ok and _flash_varlen() is not None
+    tv = _torch_varlen()
+    varlen_ok = fast_ok and tv is not None and (window is None or "window_size" in tv[1])
+    if requested == "flash" and not flash_ok:
+        raise RuntimeError("attention backend 'flash' needs flash-attn installed and fp16/bf16 CUDA tensors")
+    if requested == "varlen" and not varlen_ok:
+        raise RuntimeError("attention backend 'varlen' needs torch.nn.attention.varlen on fp16/bf16 CUDA tensors "
+                           "(and torch >= 2.12 for a sliding window)")
+    if requested != "auto":
+        return requested
+    return "flash" if flash_ok else "varlen" if varlen_ok else "sdpa"
+
+
+@dataclass
+class Layout:
+    """Everything attention needs besides q, k, v; built once per forward, shared by all blocks.
+    "sdpa": one SDPA call with a bool `mask` (True = attend) or plain `is_causal`; a packed batch is one row of
+            N tokens under the (N, N) mask of its attention rule (packed_layout).
+    "flash" / "varlen": `calls`, each (q_index, kv_index, cu_q, cu_k, max_q, max_k), see _varlen_layout."""
+    backend: str
+    window: int | None = None
+    mask: torch.Tensor | None = None
+    is_causal: bool = False
+    calls: tuple = ()
+    unperm_index: torch.Tensor | None = None   # (N,) row of cat(call outputs) holding each packed row
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v, for every layout. k, v may have fewer (GQA) heads than q.
+    Packed: (N, H, hd), (N, Hkv, hd) -> (N, H, hd). Batched: (B, T, H, hd), (B, Tk, Hkv, hd) -> (B, T, H, hd)."""
+    if layout.backend != "sdpa":
+        outs = []
+        for q_index, kv_index, *lens in layout.calls:     # index None: all N rows, in order
+            qc = q if q_index is None else q[q_index]
+            kc, vc = (k, v) if kv_index is None else (k[kv_index], v[kv_index])
+            outs.append(_varlen_call(layout, qc, kc, vc, *lens))
+        return outs[0] if layout.unperm_index is None else torch.cat(outs).index_select(0, layout.unperm_index)
+    packed = q.dim() == 3
+    if packed:                                                              # one row of N tokens
+        q, k, v = q[None], k[None], v[None]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=layout.mask, is_causal=layout.is_causal,
+                                       enable_gqa=k.shape[-2] != q.shape[-2]).transpose(1, 2)  # (B, T, H, hd)
+    return o[0] if packed else o
+
+
+def _varlen_call(L: Layout, q, k, v, cu_q, cu_k, max_q, max_k):
+    # Both kernels take window_size=(left, right): query i sees keys i-left .. i+right (bottom-right
+    # aligned). Our window w keeps keys with pos_i - pos_j < w, i.e. pos_i - pos_j <= w - 1: left = w - 1.
+    left = L.window - 1 if L.window else -1
+    if L.backend == "flash":
+        return _flash_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window_size=(left, 0))
+    varlen_attn, params = _torch_varlen()
+    # torch >= 2.12: window_size, where (-1, 0) means causal; torch 2.10 / 2.11: a flag, and no window
+    # (pick_attention checked)
+    kw = {"window_size": (left, 0)} if "window_size" in params else {"is_causal": True}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+
+def packed_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None,
+                  dtype: torch.dtype, requested: str | None = "auto") -> Layout:
+    """The attention layout of a packed batch, computed once per forward (not per block).
+    seg_lens (S, 3) on CPU: (shared, chosen, rejected) lengths per segment."""
+    device = position_ids.device
+    backend = pick_attention(requested, device, dtype, window)
+    if backend != "sdpa":
+        return _varlen_layout(seg_lens, window, backend, device)
+    # SDPA: all N rows at once, the attention rule as one (1, 1, N, N) bool mask
+    seg_id, branch = _token_tags(seg_lens, device)
+    order = torch.arange(len(seg_id), device=device)
+    mask = _visible(seg_id, branch, position_ids, window, order[:, None], order[None, :])        # (N, N)
+    return Layout("sdpa", window, mask=mask[None, None])
+
+
+def _token_tags(seg_lens: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) segment of each packed token, and (N,) its branch: 0 shared prompt, 1 chosen, 2 rejected."""
+    S = len(seg_lens)
+    seg_id = torch.repeat_interleave(torch.arange(S), seg_lens.sum(1)).to(device)
+    branch = torch.repeat_interleave(torch.arange(3).repeat(S), seg_lens.flatten()).to(device)
+    return seg_id, branch
+
+
+def _visible(seg_id, branch, position_ids, window, q, k):
+    """The attention rule of a packed batch for query rows q and key rows k (broadcastable): same segment, causal
+    in packed order, a rejected token never sees a chosen one, and Mistral's window in position space."""
+    visible = (seg_id[q] == seg_id[k]) & (q >= k) & ((branch[k] == 0) | (branch[k] == branch[q]))
+    if window is not None:
+        visible = visible & ((position_ids[q] - position_ids[k]) < window)
+    return visible
+
+
+def _cu(lens: torch.Tensor, device) -> torch.Tensor:
+    return F.pad(torch.cumsum(lens, 0), (1, 0)).to(device=device, dtype=torch.int32)
+
+
+def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, device) -> Layout:
+    """The unshared layout is one causal call over all segments. The shared layout needs two: [prompt|chosen]
+    is an ordinary causal sequence; rejected queries attend to [prompt|rejected] keys, causal aligned at the
+    bottom-right (query r_k sits at key p + k), which the varlen kernels implement whenever the query and key
+    lengths differ. Assumes position_ids run 0..p+c-1 over [prompt|chosen] and p..p+r-1 over rejected (the
+    contract), so index distance inside each call equals position distance and window_size is the window."""
+    p, c, r = seg_lens.unbind(1)
+    cu_main, max_main = _cu((p + c)[p + c > 0], device), int((p + c).max())
+    if not (r > 0).any():    # unshared: no gathers needed
+        return Layout(backend, window, calls=((None, None, cu_main, cu_main, max_main, max_main),))
+    seg_id, branch = _token_tags(seg_lens, "cpu")
+    main_index = torch.where(branch != 2)[0]                                  # (N1,) [prompt|chosen] rows
+    rej_index = torch.where(branch == 2)[0]                                   # (N2,) rejected rows
+    kv_index = torch.where((branch != 1) & (r > 0)[seg_id])[0]                # (N3,) [prompt|rejected] rows
+    unperm = torch.argsort(torch.cat([main_index, rej_index]))               # inverse of the permutation
+    main_index, rej_index, kv_index, unperm = (t.to(device) for t in (main_index, rej_index, kv_index, unperm))
+    kv_lens = (p + r)[r > 0]
+    return Layout(backend, window, unperm_index=unperm, calls=(
+        (main_index, main_index, cu_main, cu_main, max_main, max_main),
+        (rej_index, kv_index, _cu(r[r > 0], device), _cu(kv_lens, device), int(r.max()), int(kv_lens.max()))))
+
+
+def dense_causal_layout(T: int, window: int | None, device) -> Layout:
+    """An ordinary (B, T) batch: plain causal, plus the sliding window when the sequence exceeds it."""
+    if window is None or T <= window:
+        return Layout("sdpa", window, is_causal=True)
+    i = torch.arange(T, device=device)
+    mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+    return Layout("sdpa", window, mask=mask)
+
+
+# -----------------------------------------------------------------------------
+# 4. Hugging Face: config.json, Hub download, per-family names, strict loading, saving
+
+
+_REQUIRED = object()   # a config.json key without a default
+# (our field, config.json key, default when absent): read by config_from_hf, written by config_to_hf
+_HF_COMMON = (("vocab_size", "vocab_size", _REQUIRED), ("dim", "hidden_size", _REQUIRED),
+              ("n_layers", "num_hidden_layers", _REQUIRED), ("n_heads", "num_attention_heads", _REQUIRED),
+              ("max_seq_len", "max_position_embeddings", 2048), ("bos_token_id", "bos_token_id", None),
+              ("eos_token_id", "eos_token_id", None), ("pad_token_id", "pad_token_id", None))
+_HF_LLAMA = (("n_kv_heads", "num_key_value_heads", None), ("head_dim", "head_dim", None),
+             ("ffn_dim", "intermediate_size", _REQUIRED), ("norm_eps", "rms_norm_eps", 1e-6),
+             ("tie_embeddings", "tie_word_embeddings", False))
+_HF_FIELDS = {
+    "llama": _HF_LLAMA + (("attn_bias", "attention_bias", False), ("mlp_bias", "mlp_bias", False)),
+    "mistral": _HF_LLAMA + (("sliding_window", "sliding_window", None),),
+    "phi": (("n_kv_heads", "num_key_value_heads", None), ("ffn_dim", "intermediate_size", _REQUIRED),
+            ("norm_eps", "layer_norm_eps", 1e-5), ("tie_embeddings", "tie_word_embeddings", False)),
+    "opt": (("ffn_dim", "ffn_dim", _REQUIRED), ("embed_dim", "word_embed_proj_dim", None),
+            ("pre_norm", "do_layer_norm_before", True), ("norm_affine", "layer_norm_elementwise_affine", True),
+            ("mlp_bias", "enable_bias", True), ("attn_bias", "enable_bias", True),
+            ("tie_embeddings", "tie_word_embeddings", True)),
+}
+# per family: HF architecture, the config.json key of the activation and its default, the flags it fixes
+_HF_FAMILY = {
+    "llama": ("LlamaForCausalLM", "hidden_act", "silu", dict(norm="rmsnorm")),
+    "mistral": ("MistralForCausalLM", "hidden_act", "silu", dict(norm="rmsnorm")),
+    "phi": ("PhiForCausalLM", "hidden_act", "gelu_new",
+            dict(norm="layernorm", parallel_residual=True, attn_bias=True, mlp_bias=True, lm_head_bias=True)),
+    "opt": ("OPTForCausalLM", "activation_function", "relu", dict(norm="layernorm", norm_eps=1e-5,
+                                                                   positions="learned")),
+}
+_HF_ACT = {"silu": "swiglu", "swish": "swiglu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+           "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """A Hugging Face config.json (as a dict) -> ModelConfig. Reads both the old layout (top-level rope_theta /
+    rope_scaling / partial_rotary_factor, often no head_dim) and transformers 5's rope_parameters."""
+    family = hf.get("model_type")
+    if family not in _FAMILIES:
+        raise ModelConfigError(f"config.json has model_type {family!r}; supported: {sorted(_FAMILIES)}")
+    if family == "phi" and hf.get("qk_layernorm"):
+        raise ModelConfigError("phi config.json has qk_layernorm=true, which is not supported")
+    fields = _HF_COMMON + _HF_FIELDS[family]
+    missing = [key for _, key, default in fields if default is _REQUIRED and hf.get(key) is None]
+    if missing:
+        raise ModelConfigError(f"config.json (model_type {family!r}) has no {missing[0]!r}")
+    kw = {ours: hf.get(key, default) for ours, key, default in fields}
+    _, act_key, act_default, fixed = _HF_FAMILY[family]
+    act = hf.get(act_key) or act_default
+    if act not in _HF_ACT:
+        raise ModelConfigError(f"config.json {act_key}={act!r} is not supported; use one of {sorted(_HF_ACT)}")
+    gated = family in ("llama", "mistral")     # Phi's and OPT's MLPs have no gate: fc2(silu(fc1 x)) is not SwiGLU
+    if (_HF_ACT[act] == "swiglu") != gated:
+        why = "only silu (SwiGLU) is supported" if gated else "an ungated SiLU MLP is not supported"
+        raise ModelConfigError(f"{family} config.json {act_key}={hf.get(act_key)!r}: {why}")
+    kw.update(fixed, mlp_kind=_HF_ACT[act])
+    if family == "opt":   # post-LN OPT has no final norm, and a pre-LN one may have dropped it
+        kw["final_norm"] = kw["pre_norm"] and not hf.get("_remove_final_layer_norm", False)
+    else:
+        kw.update(_read_rope(hf, 0.5 if family == "phi" else 1.0))
+    return ModelConfig(family=family, **kw)
+
+
+def _read_rope(hf: dict, default_fraction: float) -> dict:
+    """theta, rotary fraction and scaling from either config layout."""
+    params = dict(hf.get("rope_parameters") or {})     # transformers 5
+    scaling = hf.get("rope_scaling") or params          # old layout keeps scaling separate
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))   # older configs say "type"
+    if rope_type != "default" and rope_type not in _ROPE_SCALING_KEYS:
+        raise ModelConfigError(f"config.json asks for rope scaling type {rope_type!r}; implemented: "
+                               f"{['default', *_ROPE_SCALING_KEYS]}")
+    rope_scaling = None
+    if rope_type != "default":
+        scaling = dict(scaling)
+        if rope_type == "llama3":   # as transformers: a top-level value wins, then the dict's, then the model's max
+            scaling["original_max_position_embeddings"] = (hf.get("original_max_position_embeddings")
+                                                           or scaling.get("original_max_position_embeddings")
+                                                           or hf.get("max_position_embeddings", 2048))
+        keys = _ROPE_SCALING_KEYS[rope_type]
+        missing = [k for k in keys if scaling.get(k) is None]
+        if missing:
+            raise ModelConfigError(f"config.json rope scaling type {rope_type!r} has no {missing}")
+        rope_scaling = {"rope_type": rope_type,   # lengths are ints, factors floats
+                        **{k: (int if k.startswith("original") else float)(scaling[k]) for k in keys}}
+    return dict(rope_theta=float(params.get("rope_theta", hf.get("rope_theta") or 10000.0)),
+                rotary_fraction=float(params.get("partial_rotary_factor",
+                                                 hf.get("partial_rotary_factor") or default_fraction)),
+                rope_scaling=rope_scaling)
+
+
+def config_to_hf(c: ModelConfig) -> dict:
+    """ModelConfig -> a config.json dict that transformers 5 AutoModelForCausalLM loads."""
+    arch, act_key, _, _ = _HF_FAMILY[c.family]
+    hf = {"architectures": [arch], "model_type": c.family,
+          **{key: getattr(c, ours) for ours, key, _ in _HF_COMMON + _HF_FIELDS[c.family]},
+          act_key: {"swiglu": "silu", "gelu_tanh": "gelu_new"}.get(c.mlp_kind, c.mlp_kind)}
+    if c.family == "opt":
+        hf["_remove_final_layer_norm"] = c.pre_norm and not c.final_norm
+        return hf
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}  # named as HF names them
+    if c.family == "phi":
+        if c.head_dim * c.n_heads != c.dim:
+            raise ModelConfigError("phi requires head_dim * n_heads == dim")
+        hf["qk_layernorm"], rope["partial_rotary_factor"] = False, c.rotary_fraction
+    hf["rope_parameters"] = rope
+    return hf
+
+
+# Our module names -> HF's, per family: (prefix of the base model, its top-level modules, the modules of layer i)
+_QKV = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj"}
+_LLAMA_NAMES = ("model.", {"tok_embeddings": "embed_tokens", "norm": "norm"},
+                {**_QKV, "attn.wo": "self_attn.o_proj", "attn_norm": "input_layernorm",
+                 "mlp_norm": "post_attention_layernorm", "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj",
+                 "mlp.w2": "mlp.down_proj"})
+_HF_NAMES = {
+    "llama": _LLAMA_NAMES,
+    "mistral": _LLAMA_NAMES,
+    "phi": ("model.", {"tok_embeddings": "embed_tokens", "norm": "final_layernorm"},
+            {**_QKV, "attn.wo": "self_attn.dense", "attn_norm": "input_layernorm", "mlp.w1": "mlp.fc1",
+             "mlp.w2": "mlp.fc2"}),
+    "opt": ("model.decoder.", {"tok_embeddings": "embed_tokens", "pos_embeddings": "embed_positions",
+                               "project_in": "project_in", "project_out": "project_out", "norm": "final_layer_norm"},
+            {**_QKV, "attn.wo": "self_attn.out_proj", "attn_norm": "self_attn_layer_norm",
+             "mlp_norm": "final_layer_norm", "mlp.w1": "fc1", "mlp.w2": "fc2"}),
+}
+
+
+def hf_name(name: str, family: str) -> str:
+    """Our parameter name -> the HF checkpoint name,
+    e.g. layers.3.attn.wq.weight -> model.layers.3.self_attn.q_proj.weight (llama)."""
+    prefix, top, layer = _HF_NAMES[family]
+    module, _, leaf = name.rpartition(".")
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", module)
+    hf = "lm_head" if module == "lm_head" else prefix + (f"layers.{m[1]}.{layer[m[2]]}" if m else top[module])
+    return f"{hf}.{leaf}"
 
 
 _ALLOW = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -1085,11 +818,10 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         if not (path / "config.json").is_file():
             raise CheckpointError(f"checkpoint directory {path} has no config.json")
         return path
-    preset = PRESETS.get(str(name_or_path), str(name_or_path))
-    if isinstance(preset, ModelConfig):
+    repo_id = PRESETS.get(str(name_or_path), str(name_or_path))
+    if isinstance(repo_id, ModelConfig):
         raise CheckpointError(f"preset {name_or_path!r} is a random-init config, not a checkpoint "
                               f"on disk or on the Hub")
-    repo_id = preset
     looks_like_path = str(name_or_path).startswith((".", "/", "~"))
     if repo_id == str(name_or_path) and (looks_like_path or (path.parent != Path(".") and path.parent.is_dir())):
         # "out/finall" is a mistyped path, not the Hub repo "finall" of a user named "out"
@@ -1112,63 +844,51 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"cannot get {repo_id}: it is not in the local Hugging Face cache and the Hub is not "
                               f"reachable (offline, or HF_HUB_OFFLINE=1): {type(e).__name__}") from None
-    if not any(local.glob("*.safetensors")):
-        ref = _safetensors_pr(repo_id)
-        if ref is None:
-            raise CheckpointError(f"Hub repo {repo_id} has no *.safetensors weights (only pickled files, which are not "
-                                  f"loaded for safety), nor a safetensors pull request by the Hub's conversion bot; "
-                                  f"convert it to safetensors first")
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"note: {repo_id} has no safetensors on main; using those of {ref}, the Hub bot's conversion "
-                  f"pull request on top of main (as transformers does)")
-        try:
-            local = Path(snapshot_download(repo_id, revision=ref, allow_patterns=_ALLOW))
-        except Exception as e:   # the network failed between the two downloads (any client error)
-            raise CheckpointError(f"cannot get {repo_id} at {ref}: {type(e).__name__}: {e}") from None
-    return local
-
-
-_CONVERSION_PR = "Adding `safetensors` variant of this model"
+    if any(local.glob("*.safetensors")):
+        return local
+    ref = _safetensors_pr(repo_id)
+    if ref is None:
+        raise CheckpointError(f"Hub repo {repo_id} has no *.safetensors weights (only pickled files, which are not "
+                              f"loaded for safety), nor a safetensors pull request by the Hub's conversion bot; "
+                              f"convert it to safetensors first")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {repo_id} has no safetensors on main; using those of {ref}, the Hub bot's conversion "
+              f"pull request on top of main (as transformers does)")
+    try:
+        return Path(snapshot_download(repo_id, revision=ref, allow_patterns=_ALLOW))
+    except Exception as e:   # the network failed between the two downloads (any client error)
+        raise CheckpointError(f"cannot get {repo_id} at {ref}: {type(e).__name__}: {e}") from None
 
 
 def _safetensors_pr(repo_id: str) -> str | None:
-    """The git reference (refs/pr/N) of the open safetensors conversion pull request that the Hub's bot
-    (SFconvertbot) made of repo_id, if that PR sits directly on top of main; else None. Repos older than
-    safetensors (facebook/opt-*) often have safetensors weights only there; transformers loads them from the
-    same PR. Only the bot's PR is trusted, and only when its parent is the current main, so that it can add
-    nothing but the converted files."""
+    """refs/pr/N of the Hub bot's (SFconvertbot) open safetensors conversion PR of repo_id, or None. Repos older
+    than safetensors (facebook/opt-*) often have safetensors only there; transformers loads them from the same PR.
+    Only the bot's PR is trusted, and only when its parent is the current main, so that it can add nothing but the
+    converted files. Offline or with the Hub unreachable: a refs/pr/N with safetensors in the local HF cache."""
     import huggingface_hub
-    from huggingface_hub import HfApi, get_repo_discussions
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return _cached_conversion_pr(repo_id)
+    from huggingface_hub import HfApi, get_repo_discussions, scan_cache_dir
+    if not huggingface_hub.constants.HF_HUB_OFFLINE:
+        try:
+            api = HfApi()
+            main = api.list_repo_commits(repo_id)[0].commit_id
+            for pr in get_repo_discussions(repo_id, author="SFconvertbot", discussion_type="pull_request",
+                                           discussion_status="open"):
+                if pr.title == "Adding `safetensors` variant of this model" and pr.author == "SFconvertbot":
+                    commits = api.list_repo_commits(repo_id, revision=pr.git_reference)
+                    if len(commits) > 1 and commits[1].commit_id == main:
+                        return pr.git_reference
+            return None
+        except Exception:   # unreachable Hub, rate limits: the HTTP client's errors are not all OSErrors
+            pass
     try:
-        api = HfApi()
-        main = api.list_repo_commits(repo_id)[0].commit_id
-        for pr in get_repo_discussions(repo_id, author="SFconvertbot", discussion_type="pull_request",
-                                       discussion_status="open"):
-            if pr.title == _CONVERSION_PR and pr.author == "SFconvertbot":   # the filter, checked again
-                commits = api.list_repo_commits(repo_id, revision=pr.git_reference)
-                if len(commits) > 1 and commits[1].commit_id == main:
-                    return pr.git_reference
-    except Exception:   # unreachable Hub, rate limits: the HTTP client's errors are not all OSErrors
-        return _cached_conversion_pr(repo_id)
-    return None
-
-
-def _cached_conversion_pr(repo_id: str) -> str | None:
-    """Offline: a refs/pr/N revision of repo_id with safetensors in the local HF cache (it was checked by
-    _safetensors_pr when it was downloaded), or None."""
-    from huggingface_hub import constants, scan_cache_dir
-    try:
-        repos = scan_cache_dir(constants.HF_HUB_CACHE).repos
+        repos = scan_cache_dir(huggingface_hub.constants.HF_HUB_CACHE).repos
     except Exception:   # no cache yet, or a corrupted one
         return None
-    for repo in repos:
-        if repo.repo_id == repo_id and repo.repo_type == "model":
-            for rev in repo.revisions:
-                prs = sorted(r for r in rev.refs if r.startswith("refs/pr/"))
-                if prs and any(f.file_name.endswith(".safetensors") for f in rev.files):
-                    return prs[0]
+    for rev in (rev for repo in repos if repo.repo_id == repo_id and repo.repo_type == "model"
+                for rev in repo.revisions):
+        prs = sorted(r for r in rev.refs if r.startswith("refs/pr/"))
+        if prs and any(f.file_name.endswith(".safetensors") for f in rev.files):
+            return prs[0]
     return None
 
 
@@ -1186,10 +906,9 @@ def random_init_tensors(config: ModelConfig, seed: int) -> Iterator[tuple[str, t
     """The random init of a weightless preset from `seed`, as (name, tensor) pairs: every rank (and a
     one-process run) builds the same full model on the CPU, so all start from identical weights. The global
     RNG is left as it was. Only sensible for small presets."""
-    cpu_rng = torch.get_rng_state()
-    torch.manual_seed(seed)
-    full = Transformer(config)
-    torch.set_rng_state(cpu_rng)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        full = Transformer(config)
     yield from full.state_dict().items()
 
 
@@ -1202,57 +921,9 @@ def load_config(ckpt_dir: str | Path) -> ModelConfig:
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path} is not a JSON object of config keys")
     try:
-        return ModelConfig.from_hf(hf)
+        return config_from_hf(hf)
     except ModelConfigError as e:
         raise ModelConfigError(f"{path}: {e}") from None
-
-
-# Our module names -> HF module names, per family ({i} is the layer index).
-_LLAMA_NAMES = {
-    "tok_embeddings": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
-    "layers.{i}.attn_norm": "model.layers.{i}.input_layernorm",
-    "layers.{i}.mlp_norm": "model.layers.{i}.post_attention_layernorm",
-    "layers.{i}.attn.wq": "model.layers.{i}.self_attn.q_proj",
-    "layers.{i}.attn.wk": "model.layers.{i}.self_attn.k_proj",
-    "layers.{i}.attn.wv": "model.layers.{i}.self_attn.v_proj",
-    "layers.{i}.attn.wo": "model.layers.{i}.self_attn.o_proj",
-    "layers.{i}.mlp.w1": "model.layers.{i}.mlp.gate_proj", "layers.{i}.mlp.w3": "model.layers.{i}.mlp.up_proj",
-    "layers.{i}.mlp.w2": "model.layers.{i}.mlp.down_proj",
-}
-_HF_NAMES = {
-    "llama": _LLAMA_NAMES,
-    "mistral": _LLAMA_NAMES,
-    "phi": {
-        "tok_embeddings": "model.embed_tokens", "norm": "model.final_layernorm", "lm_head": "lm_head",
-        "layers.{i}.attn_norm": "model.layers.{i}.input_layernorm",
-        "layers.{i}.attn.wq": "model.layers.{i}.self_attn.q_proj",
-        "layers.{i}.attn.wk": "model.layers.{i}.self_attn.k_proj",
-        "layers.{i}.attn.wv": "model.layers.{i}.self_attn.v_proj",
-        "layers.{i}.attn.wo": "model.layers.{i}.self_attn.dense",
-        "layers.{i}.mlp.w1": "model.layers.{i}.mlp.fc1", "layers.{i}.mlp.w2": "model.layers.{i}.mlp.fc2",
-    },
-    "opt": {
-        "tok_embeddings": "model.decoder.embed_tokens", "pos_embeddings": "model.decoder.embed_positions",
-        "project_in": "model.decoder.project_in", "project_out": "model.decoder.project_out",
-        "norm": "model.decoder.final_layer_norm", "lm_head": "lm_head",
-        "layers.{i}.attn_norm": "model.decoder.layers.{i}.self_attn_layer_norm",
-        "layers.{i}.mlp_norm": "model.decoder.layers.{i}.final_layer_norm",
-        "layers.{i}.attn.wq": "model.decoder.layers.{i}.self_attn.q_proj",
-        "layers.{i}.attn.wk": "model.decoder.layers.{i}.self_attn.k_proj",
-        "layers.{i}.attn.wv": "model.decoder.layers.{i}.self_attn.v_proj",
-        "layers.{i}.attn.wo": "model.decoder.layers.{i}.self_attn.out_proj",
-        "layers.{i}.mlp.w1": "model.decoder.layers.{i}.fc1", "layers.{i}.mlp.w2": "model.decoder.layers.{i}.fc2",
-    },
-}
-
-
-def hf_name(name: str, family: str) -> str:
-    """Our parameter name -> the HF checkpoint name,
-    e.g. layers.3.attn.wq.weight -> model.layers.3.self_attn.q_proj.weight (llama)."""
-    module, _, leaf = name.rpartition(".")
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", module)
-    key = f"layers.{{i}}.{m[2]}" if m else module
-    return _HF_NAMES[family][key].format(i=m[1] if m else "") + "." + leaf
 
 
 def expected_params(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -1263,19 +934,19 @@ def expected_params(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def _checkpoint_files(ckpt_dir: Path) -> list[Path]:
     index = ckpt_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = [ckpt_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names {len(missing)} shard(s) that are not in {ckpt_dir} "
-                                  f"({', '.join(missing[:3])}): an interrupted download?")
+    if not index.is_file():
+        files = sorted(ckpt_dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{ckpt_dir} has no *.safetensors files")
         return files
-    files = sorted(ckpt_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{ckpt_dir} has no *.safetensors files")
+    try:
+        files = [ckpt_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names {len(missing)} shard(s) that are not in {ckpt_dir} "
+                              f"({', '.join(missing[:3])}): an interrupted download?")
     return files
 
 
@@ -1290,13 +961,6 @@ def _open_safetensors(file: Path):
         raise CheckpointError(f"{file} is not a readable safetensors file ({e}): a truncated download?") from None
 
 
-def _ignored(hf_key: str, config: ModelConfig) -> bool:
-    # old Llama exports saved the rotary inverse frequencies (a constant, not a weight); a tied
-    # checkpoint may carry a duplicate lm_head.weight (HF drops it the same way; iter_hf_tensors loads
-    # it as the embedding when the embedding itself is absent)
-    return hf_key.endswith("rotary_emb.inv_freq") or (config.tie_embeddings and hf_key == "lm_head.weight")
-
-
 def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (our parameter name, tensor) from a (possibly sharded) HF safetensors checkpoint, one
     tensor at a time. Everything is validated from the safetensors headers before the first tensor
@@ -1304,33 +968,27 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple
     ckpt_dir = Path(ckpt_dir)
     expected = expected_params(config)
     to_ours = {hf_name(n, config.family): n for n in expected}
-    plan, unexpected, bad_shape = [], [], []           # plan: (file, hf key, our name)
-    tied_head = None                                   # (file, shape) of a tied checkpoint's lm_head.weight
+    plan, unexpected, tied_head = [], [], None         # plan: (file, key, our name, shape in the file)
     for file in _checkpoint_files(ckpt_dir):
         with _open_safetensors(file) as f:
             for key in f.keys():
                 # some checkpoints (old OPT exports) omit the base model's "model." prefix
                 hf_key = key if key in to_ours or "model." + key not in to_ours else "model." + key
-                if config.tie_embeddings and hf_key == "lm_head.weight":
-                    tied_head = (file, tuple(f.get_slice(key).get_shape()))
-                if hf_key not in to_ours:
-                    if not _ignored(hf_key, config):
-                        unexpected.append(key)
-                    continue
-                ours = to_ours[hf_key]
                 shape = tuple(f.get_slice(key).get_shape())
-                if shape != expected[ours]:
-                    bad_shape.append(f"{key} {shape} (expected {expected[ours]})")
-                plan.append((file, key, ours))
-    loaded = {ours for _, _, ours in plan}
-    if tied_head and "tok_embeddings.weight" not in loaded:
-        # a conversion that kept one name per shared tensor may have kept the tied matrix as lm_head.weight
-        file, shape = tied_head
-        if shape != expected["tok_embeddings.weight"]:
-            bad_shape.append(f"lm_head.weight {shape} (expected {expected['tok_embeddings.weight']})")
-        plan.append((file, "lm_head.weight", "tok_embeddings.weight"))
-        loaded.add("tok_embeddings.weight")
+                if config.tie_embeddings and hf_key == "lm_head.weight":
+                    # a tied checkpoint's copy of the embedding: dropped (as HF does), unless a conversion that
+                    # kept one name per shared tensor kept the tied matrix under this name only
+                    tied_head = (file, key, "tok_embeddings.weight", shape)
+                elif hf_key in to_ours:
+                    plan.append((file, key, to_ours[hf_key], shape))
+                elif not hf_key.endswith("rotary_emb.inv_freq"):   # a constant that old Llama exports saved
+                    unexpected.append(key)
+    if tied_head and "tok_embeddings.weight" not in {ours for _, _, ours, _ in plan}:
+        plan.append(tied_head)
+    loaded = {ours for _, _, ours, _ in plan}
     missing = [hf for hf, ours in to_ours.items() if ours not in loaded]
+    bad_shape = [f"{key} {shape} (expected {expected[ours]})" for _, key, ours, shape in plan
+                 if shape != expected[ours]]
     problems = [f"{what} {len(names)}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
                 for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape))
                 if names]
@@ -1339,7 +997,7 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple
                               + "; ".join(problems))
     for file in dict.fromkeys(p[0] for p in plan):
         with _open_safetensors(file) as f:
-            for _, key, ours in (p for p in plan if p[0] == file):
+            for _, key, ours, _ in (p for p in plan if p[0] == file):
                 yield ours, f.get_tensor(key)
 
 
@@ -1381,18 +1039,16 @@ def save_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig,
         size += nbytes
     for old in list(out_dir.glob("*.safetensors")) + [out_dir / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)   # stale shards from an earlier save would be loaded too
-    if len(shards) == 1:
-        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out_dir / fname, metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for fname, shard in zip(names, shards):
+        save_file(shard, out_dir / fname, metadata={"format": "pt"})
+    if n > 1:
+        weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    hf = config.to_hf()
+    hf = config_to_hf(config)
     hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
     return out_dir

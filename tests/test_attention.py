@@ -6,9 +6,7 @@ aligned to the bottom-right corner when the query and key lengths differ, window
 keys i + Lk - Lq - left .. i + Lk - Lq + right). They check everything of ours around the kernel call: the
 two-call decomposition of the shared-prompt layout, cu_seqlens, max lengths, the window translation, GQA,
 and scattering the outputs back, in the forward and the backward. What they cannot check is the CUDA
-kernels themselves; test_gpu_backends_match_sdpa does, when a GPU is present.
-
-flex_attention runs for real on the CPU (forward only: torch has no CPU backward for it)."""
+kernels themselves; test_gpu_backends_match_sdpa does, when a GPU is present."""
 import inspect
 
 import pytest
@@ -17,17 +15,6 @@ import torch.nn.functional as F
 
 import model as M
 from test_model import family_models, pack, random_pairs
-
-
-@pytest.fixture(autouse=True)
-def _flat_sdpa_reference(monkeypatch):
-    """The reference for every test here: SDPA with the one (N, N) mask of the attention rule, pinned by
-    test_model.test_shared_mask_rule. (The SDPA grid path shares _split_indices with the varlen path, so it
-    could not catch a bug there.)"""
-    monkeypatch.setattr(M, "_sdpa_layout", M._flat_layout)
-    previous = M.set_attention_backend("sdpa")
-    yield
-    M.set_attention_backend(previous)
 
 
 # --- a reference varlen kernel, and the three call signatures we must speak ------------------------
@@ -111,7 +98,7 @@ def hidden_and_grads(model, x, pos, seg):
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
 def test_varlen_path_equals_sdpa(fake_kernel, kernel, family, shared):
     if kernel == "torch-2.10" and family == "mistral":
-        pytest.skip("torch < 2.12 varlen has no window; _pick_backend never sends a window there")
+        pytest.skip("torch < 2.12 varlen has no window; pick_attention never sends a window there")
     model = family_models()[family].double()     # float64: any difference is a bug, not rounding
     # lengths from 1 token up, and one pair whose prompt is longer than Mistral's window of 4
     pairs = random_pairs(5, seed=7) + [([5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15])]
@@ -164,53 +151,28 @@ def test_packed_hidden_picks_the_kernel_for_the_autocast_dtype(monkeypatch):
     assert seen == [torch.float32, torch.bfloat16]
 
 
-# --- flex_attention ----------------------------------------------------------------------------
-
-flex = pytest.mark.skipif(M._flex("cpu") is None, reason="torch.nn.attention.flex_attention not in this torch")
-
-
-@flex
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("family", ["llama", "mistral", "opt", "phi"])
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
-def test_flex_equals_sdpa(family, shared):
-    model = family_models()[family]
-    x, pos, seg = pack(random_pairs(5, seed=3) + [([5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15])], shared=shared)
-    with torch.no_grad():
-        ref = model.packed_hidden(x, pos, seg)
-        M.set_attention_backend("flex")
-        got = model.packed_hidden(x, pos, seg)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-
-
-@flex
-def test_flex_block_mask_skips_other_segments_and_chosen_x_rejected_tiles():
-    """Tiles are 128 x 128. Pair 0 = prompt 128 | chosen 256 | rejected 256, pair 1 = 128 | 128 | 128."""
-    seg = torch.tensor([[128, 256, 256], [128, 128, 128]])
-    pos = torch.cat([torch.arange(384), torch.arange(128, 384), torch.arange(256), torch.arange(128, 256)])
-    layout = M._flex_layout(seg, pos, None)
-    tiles = layout.block_mask.to_dense()[0, 0].bool()             # (8, 8): query tile x key tile
-    # tile index: pair 0 prompt 0, chosen 1-2, rejected 3-4; pair 1 prompt 5, chosen 6, rejected 7
-    expect = torch.zeros(8, 8, dtype=torch.bool)
-    for q_tile, keys in {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 3], 4: [0, 3, 4],
-                         5: [5], 6: [5, 6], 7: [5, 7]}.items():
-        expect[q_tile, keys] = True
-    assert torch.equal(tiles, expect)
-
-
-@flex
-def test_flex_refuses_to_train_on_the_cpu():
+def test_the_kernel_is_chosen_per_model_and_checked_by_name():
+    """Transformer(attention=...) / model.attention picks the packed forward's kernel; pick_attention rejects
+    an unknown name and a kernel that cannot run here, and "auto" (or None) falls back to SDPA on the CPU."""
+    cpu = torch.device("cpu")
+    assert M.pick_attention("auto", cpu, torch.bfloat16, None) == M.pick_attention(None, cpu, torch.float32) == "sdpa"
+    with pytest.raises(ValueError, match="'flex' is not one of"):
+        M.pick_attention("flex", cpu, torch.float32, None)
     model = family_models()["llama"]
+    assert model.attention == "auto"
     x, pos, seg = pack(random_pairs(2), shared=True)
-    M.set_attention_backend("flex")
-    with pytest.raises(RuntimeError, match="no backward on the CPU"):
+    model.attention = "flash"
+    with pytest.raises(RuntimeError, match="attention backend 'flash' needs flash-attn"):
+        model.packed_hidden(x, pos, seg)
+    model = M.Transformer(model.config, attention="varlen")
+    with pytest.raises(RuntimeError, match="attention backend 'varlen' needs"):
         model.packed_hidden(x, pos, seg)
 
 
 # --- the real kernels, where there is a GPU ---------------------------------------------------
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn / torch varlen / compiled flex need a CUDA GPU")
-@pytest.mark.parametrize("backend", ["flash", "varlen", "flex"])
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn and torch varlen need a CUDA GPU")
+@pytest.mark.parametrize("backend", ["flash", "varlen"])
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_gpu_backends_match_sdpa(backend, family):
     if backend == "flash" and M._flash_varlen() is None:
@@ -225,7 +187,7 @@ def test_gpu_backends_match_sdpa(backend, family):
     for shared in (True, False):
         x, pos, seg = pack(pairs, shared=shared)
         for name in ("sdpa", backend):
-            M.set_attention_backend(name)
+            model.attention = name
             model.zero_grad()
             h = model.packed_hidden(x.cuda(), pos.cuda(), seg)
             h.float().square().mean().backward()

@@ -16,13 +16,6 @@ transformers = pytest.importorskip("transformers")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def _sdpa_backend():
-    previous = M.set_attention_backend("sdpa")
-    yield
-    M.set_attention_backend(previous)
-
-
 # --- tiny transformers reference models, one per flag combination ----------------------------------
 
 V = 96
@@ -94,7 +87,7 @@ def test_parity_both_directions(kind, hf_dirs, tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(ids()).logits, ref, atol=1e-4, rtol=1e-4)
-    if M.ModelConfig.from_hf(json.loads((d / "config.json").read_text())).tie_embeddings:
+    if M.config_from_hf(json.loads((d / "config.json").read_text())).tie_embeddings:
         assert ours.lm_head.weight is ours.tok_embeddings.weight
 
 
@@ -115,10 +108,10 @@ def test_old_config_layout(hf_dirs, tmp_path):
     old_llama = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
                  "num_attention_heads": 2, "intermediate_size": 8, "rope_theta": 1e6,
                  "rope_scaling": {"type": "linear", "factor": 4.0}}
-    c = M.ModelConfig.from_hf(old_llama)
+    c = M.config_from_hf(old_llama)
     assert (c.rope_theta, c.rope_scaling, c.head_dim) == (1e6, {"rope_type": "linear", "factor": 4.0}, 4)
     with pytest.raises(M.ModelConfigError, match="yarn"):
-        M.ModelConfig.from_hf(dict(old_llama, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+        M.config_from_hf(dict(old_llama, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
 
 
 def hf_inv_freq(hf):
@@ -157,14 +150,14 @@ def test_llama3_rope(hf_dirs, tmp_path):
         (tmp_path / f.name).write_bytes(f.read_bytes())
     for type_key in ("rope_type", "type"):
         old = dict(cfg, rope_theta=rope["rope_theta"], rope_scaling={type_key: "llama3", **scaling})
-        assert M.ModelConfig.from_hf(old) == c
+        assert M.config_from_hf(old) == c
         (tmp_path / "config.json").write_text(json.dumps(old))
         with torch.no_grad():
             torch.testing.assert_close(M.Transformer.from_pretrained(str(tmp_path))(ids()), ref,
                                        atol=1e-4, rtol=1e-4)
     # like transformers: without original_max_position_embeddings, max_position_embeddings is the original
     del old["rope_scaling"]["original_max_position_embeddings"]
-    assert M.ModelConfig.from_hf(old).rope_scaling["original_max_position_embeddings"] == 256
+    assert M.config_from_hf(old).rope_scaling["original_max_position_embeddings"] == 256
 
     # types still unsupported fail naming the type and the file; malformed ModelConfigs fail too
     (tmp_path / "config.json").write_text(json.dumps(dict(old, rope_scaling={"type": "dynamic", "factor": 2.0})))
@@ -172,7 +165,7 @@ def test_llama3_rope(hf_dirs, tmp_path):
         M.Transformer.from_pretrained(str(tmp_path))
     assert str(tmp_path / "config.json") in str(e.value)
     with pytest.raises(M.ModelConfigError, match="low_freq_factor"):
-        M.ModelConfig.from_hf(dict(old, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+        M.config_from_hf(dict(old, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
     with pytest.raises(M.ModelConfigError, match="rope_scaling"):
         dataclasses.replace(c, rope_scaling=2.0)
     with pytest.raises(M.ModelConfigError, match="high_freq_factor"):
@@ -187,9 +180,9 @@ def family_models():
         "llama": M.ModelConfig(family="llama", vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48),
         "mistral": M.ModelConfig(family="mistral", vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                  ffn_dim=48, sliding_window=4),
-        "opt": M.ModelConfig.from_hf(dict(model_type="opt", **BASE, ffn_dim=40, word_embed_proj_dim=24,
+        "opt": M.config_from_hf(dict(model_type="opt", **BASE, ffn_dim=40, word_embed_proj_dim=24,
                                           do_layer_norm_before=False)),
-        "phi": M.ModelConfig.from_hf(dict(model_type="phi", **BASE, intermediate_size=40, partial_rotary_factor=0.5)),
+        "phi": M.config_from_hf(dict(model_type="phi", **BASE, intermediate_size=40, partial_rotary_factor=0.5)),
     }
     torch.manual_seed(0)
     models = {k: M.Transformer(c) for k, c in cfgs.items()}
@@ -257,30 +250,15 @@ def extreme_pairs(seed=0):
 
 
 @pytest.mark.parametrize("family", ["mistral", "opt"])
-def test_flat_and_grid_layouts_agree(family):
-    """The SDPA path picks one (N, N) mask or the two padded grids by cost; both, and the unshared layout,
-    must give the same hidden states and gradients, on segments with very different p / c / r."""
+def test_shared_equals_unshared_on_extreme_segments(family):
+    """On segments with very different p / c / r, the shared rows equal the unshared layout's (prompt + chosen
+    from the chosen sequence, rejected from the rejected one)."""
     model = family_models()[family]
     pairs = extreme_pairs()
     x, pos, seg = pack(pairs, shared=True)
-    w = model.config.sliding_window
-    assert len(M._sdpa_layout(seg, pos, w).calls) == 2          # the cost rule takes the two grids here
-    outs = []
-    for layout in (M._flat_layout(seg, pos, w), M._grid_layout(seg, pos, w)):
-        model.zero_grad()
-        h = model._trunk(x, pos, layout)
-        (h * torch.linspace(-1, 1, h.numel()).view_as(h)).sum().backward()
-        outs.append((h.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (h0, g0), (h1, g1) = outs
-    torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-5)
-    for a, b in zip(g0, g1):   # float32 rounding, relative to each gradient's scale
-        torch.testing.assert_close(b, a, atol=1e-5 * max(1.0, float(a.abs().max())), rtol=1e-4)
-    # and the shared rows equal the unshared layout's (prompt + chosen from the chosen sequence, rejected
-    # from the rejected one), which the cost rule runs as one per-segment grid
     xu, posu, segu = pack(pairs, shared=False)
-    assert len(M._sdpa_layout(segu, posu, w).calls) == 1 and M._sdpa_layout(segu, posu, w).ungrid_index is not None
     with torch.no_grad():
-        hu = model.packed_hidden(xu, posu, segu)
+        h1, hu = model.packed_hidden(x, pos, seg), model.packed_hidden(xu, posu, segu)
     rows_s, rows_u, s0, u = [], [], 0, 0
     for p, c, r in pairs:
         rows_s += list(range(s0, s0 + len(p) + len(c) + len(r)))
@@ -294,7 +272,7 @@ def test_shared_mask_rule():
     """The masks themselves, on one segment (p=2, c=2, r=2): rejected rows never see chosen columns."""
     seg = torch.tensor([[2, 2, 2]])
     pos = torch.tensor([0, 1, 2, 3, 2, 3])
-    m = M._flat_layout(seg, pos, None).calls[0][2][0, 0].int()
+    m = M.packed_layout(seg, pos, None, torch.float32).mask[0, 0].int()
     expected = torch.tensor([[1, 0, 0, 0, 0, 0],
                              [1, 1, 0, 0, 0, 0],
                              [1, 1, 1, 0, 0, 0],
@@ -302,36 +280,22 @@ def test_shared_mask_rule():
                              [1, 1, 0, 0, 1, 0],
                              [1, 1, 0, 0, 1, 1]])
     assert torch.equal(m, expected)
-    w = M._flat_layout(seg, pos, 2).calls[0][2][0, 0].int()       # window 2 in position space
+    w = M.packed_layout(seg, pos, 2, torch.float32).mask[0, 0].int()   # window 2 in position space
     assert w[5].tolist() == [0, 0, 0, 0, 1, 1] and w[4].tolist() == [0, 1, 0, 0, 1, 0]
-    # the two grids: A = [prompt|chosen] rows 0..3 causal; B = rejected rows 4, 5 against keys 0, 1, 4, 5
-    (qa, ka, ma, _), (qb, kb, mb, _) = M._grid_layout(seg, pos, None).calls
-    assert qa.tolist() == ka.tolist() == [0, 1, 2, 3] and ma is None     # None: plain is_causal
-    assert qb.tolist() == [4, 5] and kb.tolist() == [0, 1, 4, 5]
-    assert torch.equal(mb[0, 0].int(), expected[4:][:, [0, 1, 4, 5]])
-    (_, _, ma, _), (_, _, mb, _) = M._grid_layout(seg, pos, 2).calls
-    assert torch.equal(mb[0, 0].int(), w[4:][:, [0, 1, 4, 5]]) and torch.equal(ma[0, 0].int(), w[:4, :4])
-    # padding: a second segment (p=1, c=0, r=1) pads grid A's row to 4 and grid B's rejected rows to 2 / keys to 4
-    seg2 = torch.tensor([[2, 2, 2], [1, 0, 1]])
-    lay = M._grid_layout(seg2, torch.cat([pos, torch.tensor([0, 1])]), None)
-    (qa, _, ma, shape_a), (qb, kb, mb, shape_b) = lay.calls
-    assert shape_a == (2, 4, 4) and shape_b == (2, 2, 4)
-    assert qa.tolist() == [0, 1, 2, 3, 6, 0, 0, 0] and qb.tolist() == [4, 5, 7, 0]
-    assert kb.tolist() == [0, 1, 4, 5, 6, 7, 0, 0]
-    assert mb[1, 0].int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]   # row 7 sees 6, 7; the padding row sees all
-    assert lay.ungrid_index.tolist() == [0, 1, 2, 3, 8, 9, 4, 10]
 
 
 def test_varlen_layout_indices():
     """The flash/varlen index tensors (built on CPU; the kernels themselves need CUDA)."""
     seg = torch.tensor([[2, 1, 2], [3, 0, 0], [1, 2, 1]])
     lay = M._varlen_layout(seg, None, "varlen", "cpu")
-    assert lay.main_index.tolist() == [0, 1, 2, 5, 6, 7, 8, 9, 10]
-    assert lay.rej_index.tolist() == [3, 4, 11]
-    assert lay.rej_kv_index.tolist() == [0, 1, 3, 4, 8, 11]
-    assert lay.cu_main.tolist() == [0, 3, 6, 9] and lay.cu_rej_q.tolist() == [0, 2, 3]
-    assert lay.cu_rej_k.tolist() == [0, 4, 6] and (lay.max_rej_q, lay.max_rej_k) == (2, 4)
-    perm = torch.cat([lay.main_index, lay.rej_index])
+    (main_index, main_kv_index, cu_main, _, _, _), (rej_index, rej_kv_index, cu_rej_q, cu_rej_k, max_rej_q,
+                                                     max_rej_k) = lay.calls
+    assert main_index.tolist() == main_kv_index.tolist() == [0, 1, 2, 5, 6, 7, 8, 9, 10]
+    assert rej_index.tolist() == [3, 4, 11]
+    assert rej_kv_index.tolist() == [0, 1, 3, 4, 8, 11]
+    assert cu_main.tolist() == [0, 3, 6, 9] and cu_rej_q.tolist() == [0, 2, 3]
+    assert cu_rej_k.tolist() == [0, 4, 6] and (max_rej_q, max_rej_k) == (2, 4)
+    perm = torch.cat([main_index, rej_index])
     assert torch.equal(perm[lay.unperm_index], torch.arange(12))
 
 
@@ -528,7 +492,7 @@ def test_generate_rejects_a_zero_top_p_and_phi_rejects_an_ungated_silu():
     with pytest.raises(ValueError, match="0 < top_p <= 1"):
         model.generate([[1, 2]], max_new_tokens=2, top_p=0.0)
     with pytest.raises(M.ModelConfigError, match="ungated SiLU"):
-        M.ModelConfig.from_hf(dict(model_type="phi", **BASE, intermediate_size=40, hidden_act="silu"))
+        M.config_from_hf(dict(model_type="phi", **BASE, intermediate_size=40, hidden_act="silu"))
 
 
 def test_resolve_checkpoint_gated_and_no_safetensors(monkeypatch, tmp_path):
@@ -618,7 +582,7 @@ def test_conversion_pr_offline_from_the_cache_and_after_a_network_error(monkeypa
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert M._cached_conversion_pr("facebook/opt-125m") == "refs/pr/7"
+    assert M._safetensors_pr("facebook/opt-125m") == "refs/pr/7"              # offline: from the cache
     assert M.resolve_checkpoint("facebook/opt-125m") == repo / "snapshots" / ("b" * 40)
 
     class Unreachable:                       # online, but the Hub cannot be reached
@@ -635,7 +599,7 @@ def test_conversion_pr_offline_from_the_cache_and_after_a_network_error(monkeypa
 def test_tiny_preset_and_activation_checkpointing():
     torch.manual_seed(0)
     model = M.Transformer.from_pretrained("tiny")
-    assert model.config.vocab_size == 512 and model.blocks is model.layers
+    assert model.config.vocab_size == 512
     x, pos, seg = pack(random_pairs(2), shared=True)
     index, tgt = torch.arange(len(x) - 1), x[1:]
     model.train()
