@@ -171,10 +171,10 @@ def policy_job(name, model, data_path, eval_path, lam, steps, s, eval_every, out
 
 
 def rm_job(base, data_path, steps, s, out):
-    """eq. 11 on all the train pairs (--val-frac 0): its held-out accuracy is measured here, on the eval pairs."""
-    argv = ["train-rm", "--out", str(out), "--data", str(data_path), "--init", str(base), "--steps", str(steps),
-            "--batch-size", str(s.batch_size), "--lr", str(s.rm_lr), "--warmup", str(s.warmup_steps),
-            "--val-frac", "0", "--shared-prompt", "--seed", str(SEED), "--log-every", "10", "--device", "cpu"]
+    """eq. 11 on all the train pairs (--eval-fraction 0): its held-out accuracy is measured here, on the eval pairs."""
+    argv = ["train-rm", "--out", str(out), "--data", str(data_path), "--init", str(base), "--max-steps", str(steps),
+            "--batch-size", str(s.batch_size), "--lr", str(s.rm_lr), "--warmup-steps", str(s.warmup_steps),
+            "--eval-fraction", "0", "--shared-prompt", "--seed", str(SEED), "--log-every", "10", "--device", "cpu"]
     return Job("reward model", "eval_rm.py", argv, Path(out), steps)
 
 
