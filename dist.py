@@ -14,10 +14,10 @@ Style after nanochat (get_dist_info / compute_init / print0) and torchtitan
 FSDP2, DTensor and DCP are imported where they are used: torch.distributed.tensor alone takes
 over a second to import, which a command that never shards or checkpoints need not pay.
 """
-import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -48,7 +48,7 @@ def is_master() -> bool:
 
 def print0(*args, **kwargs) -> None:
     """print on rank 0 only, so that N ranks don't print N copies of every line."""
-    if is_master():
+    if get_dist_info()[1] == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -183,14 +183,10 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = None,
 
 @torch.no_grad()
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], where: str = "checkpoint") -> None:
-    """Copy full tensors, one at a time, into this rank's local shards of the parameters.
-
-    `tensors` yields (our parameter name, full tensor) pairs, e.g. model.iter_hf_tensors
-    streaming from safetensors: only one full tensor is in host memory at any moment.
-    For a DTensor parameter we slice out this rank's chunk (distribute_tensor with
-    src_data_rank=None slices locally, no communication) and copy it into place.
-    Every parameter must be loaded exactly once: a silent partial load is an error.
-    """
+    """Copy full tensors, one at a time, into this rank's local shards of the parameters. `tensors` yields
+    (our parameter name, full tensor), e.g. model.iter_hf_tensors streaming from safetensors: one full tensor
+    is in host memory at a time. A DTensor parameter gets its chunk (distribute_tensor with src_data_rank=None
+    slices locally, no communication). Every parameter must be loaded: a silent partial load is an error."""
     # state_dict(keep_vars=True): parameters and persistent buffers, by the names a checkpoint uses
     params = {plain_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
     seen = set()  # ids, so that tied weights (one tensor, two names) count as loaded once either is
@@ -225,43 +221,79 @@ def materialize(model: nn.Module, device: torch.device) -> None:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: torch.distributed.checkpoint for the sharded model + optimizer,
-# small per-rank files for the rest; atomic through a temporary dir + rename.
+# checkpoints: torch.distributed.checkpoint for the sharded model + optimizer, small per-rank files for the
+# rest; atomic through a temporary dir + rename. Nothing is read with plain pickle, which can run any code:
+# the RNG states are JSON, DCP's tensors load with weights_only, and its .metadata (a pickle DCP writes
+# itself) through an unpickler that admits only DCP's metadata classes.
+
+# Without a process group DCP warns that it "assumes a single process": that is intended here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+DCP_METADATA = "torch.distributed.checkpoint.metadata"
+SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+class CheckpointUnpickler(pickle.Unpickler):
+    """Admits what DCP's metadata is made of (its own classes, torch.Size, dtypes, layouts), nothing else."""
+
+    def find_class(self, module, name):
+        obj = getattr(__import__(module, fromlist=["_"]), name, None) if "." not in name else None
+        if ((module, name) in SAFE_GLOBALS or (module == "torch" and isinstance(obj, torch.dtype))
+                or (module == DCP_METADATA and isinstance(obj, type) and obj.__module__ == module)):
+            return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
+
+
+def safe_reader(ckpt_dir: Path):
+    """A DCP FileSystemReader whose metadata is read with CheckpointUnpickler, before DCP starts: a planted or
+    garbled .metadata is a ValueError naming it, and nothing of the checkpoint is loaded."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    path = Path(ckpt_dir) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            metadata = CheckpointUnpickler(f).load()
+    except Exception as e:   # a planted pickle, a torn or garbled file, a missing one
+        raise ValueError(f"{path} is not DCP checkpoint metadata ({type(e).__name__}: {e}); nothing was loaded "
+                         f"from it") from None
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+    return SafeReader(str(ckpt_dir))
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This rank's RNG states as JSON-able lists (python's Mersenne state, numpy's, torch's bytes)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [key.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", np.array(key, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-@contextlib.contextmanager
-def _single_process_quiet():
-    """Without a process group DCP warns that it 'assumes a single process': that is intended here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, keep: int = 2) -> Path:
     """Write ckpt_root/step_XXXXXXX atomically and point ckpt_root/latest at it.
 
-    All ranks write into a temporary directory (DCP shards for model + optimizer, plus
-    one small file per rank for RNG states and one trainer_state.json from rank 0 with
-    step, scheduler and data position). After a barrier rank 0 renames the directory
-    (atomic on POSIX) and rewrites `latest` (atomically, via os.replace). A crash at any
-    point leaves either the old checkpoint or the new one, never a half-written one
-    under a final name; leftover tmp-* dirs are ignored by load and cleaned up here.
-    Then older checkpoints of the same run (trainer_state["run_id"]) are pruned to `keep` (>= 1).
+    All ranks write into a temporary directory (DCP shards for model + optimizer, one RNG-state JSON per rank,
+    and from rank 0 trainer_state.json: step, scheduler, data position). After a barrier rank 0 renames the
+    directory (atomic on POSIX) and rewrites `latest` (via os.replace): a crash at any point leaves the old
+    checkpoint or the new one, never a half-written one under a final name; leftover tmp-* dirs are ignored
+    by load and cleaned up here. Then this run's (trainer_state["run_id"]) older checkpoints are pruned to `keep`.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -275,9 +307,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, tra
         tmp.mkdir(parents=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _single_process_quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
     if rank == 0:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     barrier()  # every rank has finished writing before the directory becomes visible
@@ -333,24 +364,25 @@ def find_latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG state in place; return trainer_state.
-
-    Only on the world size that wrote the checkpoint: DCP could reshard the weights, but the data
-    order (batch b goes to rank b % world_size) and the per-rank RNG states could not follow, so the
-    run would not continue its trajectory. train.py checks this up front.
-    """
+    """Restore model, optimizer and this rank's RNG state in place; return trainer_state. Only on the world
+    size that wrote it (train.py checks up front): DCP could reshard the weights, but the data order (batch
+    b goes to rank b % world_size) and the per-rank RNG states could not follow the run's trajectory."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    _, rank, _, _ = get_dist_info()
-    ckpt_dir = Path(ckpt_dir)
-    trainer_state = read_trainer_state(ckpt_dir)
+    ckpt_dir, rank = Path(ckpt_dir), get_dist_info()[1]
+    trainer_state, rng_file = read_trainer_state(ckpt_dir), ckpt_dir / f"rng_rank{rank}.json"
+    try:   # an older checkpoint kept its RNG state as a pickle (rng_rank*.pt), which is never loaded
+        rng = json.loads(rng_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {rng_file} ({type(e).__name__}); a checkpoint written before the RNG "
+                         f"states were JSON cannot be resumed (a pickle can run code)") from None
+    reader = safe_reader(ckpt_dir)                           # checks .metadata before DCP reads anything
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=not dist.is_initialized())
+    dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    _set_rng_state(torch.load(ckpt_dir / f"rng_rank{rank}.pt", weights_only=False))
+    _set_rng_state(rng)
     return trainer_state
 
 
