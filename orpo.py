@@ -71,9 +71,11 @@ def log1mexp(x):
 
     Near 0, 1 - exp(x) cancels, so we use log(-expm1(x)); far from 0, exp(x) is tiny and log1p(-exp(x))
     is exact. Each branch only sees inputs where it is safe, so neither can put a NaN in the gradient.
-    x is capped at -eps (P <= 1 - eps): at P = 1 the odds are infinite and the loss would be too.
+    x is capped at -tiny, the smallest normal number, so that only P = 1 exactly (infinite odds, an infinite
+    loss) is moved: a cap at -eps (1.2e-7 in float32) would freeze log(1 - P) at -15.9 for every log P above
+    it, and with it the 1/(1 - P) factor of eqs. 8-10.
     """
-    x = x.clamp(max=-torch.finfo(x.dtype).eps)
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     near_zero = x > -math.log(2)
     near_branch = torch.log(-torch.expm1(torch.where(near_zero, x, -math.log(2))))
     far_branch = torch.log1p(-torch.exp(torch.where(near_zero, -math.log(2), x)))

@@ -151,3 +151,16 @@ def test_per_pair_terms_give_orpo_loss_and_mean_logps_any_order():
     expected = torch.stack([token_logps[seq == s].mean() for s in range(3)])
     torch.testing.assert_close(mean_logps(token_logps[perm], seq[perm], 3), expected)
     assert torch.isnan(mean_logps(token_logps, seq, 4)[3])                # a sequence without tokens
+
+
+def test_log_odds_stay_exact_and_alive_as_p_nears_one():
+    """log(1 - P) is not frozen near P = 1: at log P = -1e-9 the log odds equal the exact value (a cap at
+    -eps gave 4.43 instead of 9.21) and still have the 1/(1 - P) gradient of eqs. 8-10."""
+    for x in (-1e-9, -1e-20):
+        chosen = torch.tensor([x], requires_grad=True)
+        rejected = torch.tensor([-math.log(2)])                       # P = 1/2: log odds 0
+        lo = log_odds_ratio(chosen, rejected)
+        exact = x - math.log(-math.expm1(x))
+        assert lo.item() == pytest.approx(exact, rel=1e-6)
+        lo.backward()
+        assert chosen.grad.item() == pytest.approx(1 + 1 / -math.expm1(x), rel=1e-4)
