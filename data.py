@@ -257,13 +257,10 @@ def _compile_template(source):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
     # Same environment as transformers: templates from the Hub are untrusted, hence the sandbox.
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                        extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, **{"ensure_ascii": False, **kw})
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.datetime.now().strftime(f))
     try:
         return env.from_string(source)
@@ -521,8 +518,6 @@ def tokenize_texts(tok, texts, stats):
     with_eos = lambda resp: resp if tok.eos_id in resp else resp + [tok.eos_id]   # unless the template wrote it
     out = []
     for prompt_ids, full_c, full_r in zip(flat[0::3], flat[1::3], flat[2::3]):
-        # The prompt is the run of leading tokens the full sequences share with the prompt tokenized alone;
-        # a token merged across the boundary goes to the response. Chosen and rejected cut at the same place.
         k = min(_common_prefix(prompt_ids, full_c), _common_prefix(prompt_ids, full_r))
         if k < len(prompt_ids):
             stats["note/boundary_merge"] += 1
@@ -641,6 +636,62 @@ def build_pairs(source, tok, *, max_length=2048, max_prompt_length=1024, templat
     return PairSet(pairs, stats, layout=layout, template=template, files=files)
 
 
+def train_and_eval_pairs(source, split, eval_source, eval_split, eval_fraction, seed, tok, scratch_dir, *,
+                         synthetic_pairs=2000, writer=True, barrier=None, log=print, **build_kw):
+    """The training and held-out pairs of an entry point (train.py, eval_rm.py train-rm), read one way.
+
+    A source "synthetic" is data.py's synthetic set for that side, written under scratch_dir by the `writer`
+    process (under torchrun rank 0; `barrier` then lets the others read it). The eval pairs are eval_source's, or
+    with eval_split alone another split of source; else a seeded eval_fraction of source's pairs is held out
+    (none at 0). -> (train pairs, eval pairs, origin: the sources read and their stats, eval_data None when held out)"""
+    if eval_source is None and eval_split is not None:
+        eval_source = source
+    sources = {"train": source, "eval": eval_source}
+    synthetic = {"train": (f"synthetic_train_{synthetic_pairs}.parquet", synthetic_pairs, 0),   # (file, pairs, seed)
+                 "eval": ("synthetic_eval.parquet", 200, 1)}
+    for side, (name, n, synthetic_seed) in synthetic.items():
+        if sources[side] == "synthetic":
+            sources[side] = Path(scratch_dir) / name
+            if writer and not sources[side].exists():
+                write_synthetic(sources[side], n, seed=synthetic_seed, split=side)
+    if barrier is not None:
+        barrier()
+
+    def read(side, source, split):          # its one-line errors say which side
+        where = f"{source}" + ("" if split is None else f" [{split}]")
+        try:
+            pairs = build_pairs(source, tok, split=split, **build_kw)
+        except (ValueError, FileNotFoundError) as e:
+            raise DataError(f"{side} data: {e}") from None
+        log(f"{side}: {len(pairs)} pairs from {where} ({stats_line(pairs.stats)})")
+        if len(pairs) == 0:
+            raise DataError(f"{side} data {where}: no usable pairs after filtering ({stats_line(pairs.stats)})")
+        return pairs
+
+    train = read("train", sources["train"], split)
+    origin = {"data": str(sources["train"]), "data_stats": dict(train.stats), "eval_data": None,
+              "eval_data_stats": None}
+    if sources["eval"] is None:
+        train, evals = hold_out(train, eval_fraction, seed)
+        if evals:
+            log(f"eval: held out {len(evals)} of the training pairs (--eval-fraction {eval_fraction})")
+    else:
+        evals = read("eval", sources["eval"], eval_split)
+        origin.update(eval_data=str(sources["eval"]), eval_data_stats=dict(evals.stats))
+    return train, evals, origin
+
+
+def hold_out(pairs, fraction, seed):
+    """A seeded random `fraction` of the pairs (at least one when > 0), the same on every rank. -> (train, held out)"""
+    if fraction == 0:
+        return pairs, []
+    n_eval = max(1, round(len(pairs) * fraction))
+    if n_eval >= len(pairs):
+        raise DataError(f"only {len(pairs)} usable pairs: too few to hold out {fraction:.0%} and still train")
+    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [pairs[i] for i in perm[n_eval:]], [pairs[i] for i in perm[:n_eval]]
+
+
 # -----------------------------------------------------------------------------
 # Packing: pairs -> one flat, padding-free token stream
 
@@ -729,7 +780,6 @@ class PairBatcher:
     out and counted in `epoch_info()`). Resume: state_dict() is (epoch, position = micro-batches yielded) and the
     RESUME_SETTINGS; load_state_dict() refuses other settings, under which the same position names other pairs.
     """
-    # What a saved (epoch, position) means depends on these: under any other value it names other pairs.
     RESUME_SETTINGS = {"world_size": "world size", "seed": "seed", "batch_size": "batch size (pairs per micro-batch)",
                        "max_tokens": "max tokens per micro-batch", "grad_accum": "grad_accum",
                        "shared_prompt": "shared_prompt", "group_batches": "group_batches",

@@ -29,6 +29,7 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 import data
 import dist
@@ -36,7 +37,6 @@ import model as model_lib
 
 HEAD_FILE = "reward_head/head.safetensors"   # a subfolder: model.py reads every top-level *.safetensors
 META_FILE = "reward_model.json"
-SYNTHETIC_TRAIN_PAIRS, SYNTHETIC_EVAL_PAIRS = 2000, 200   # the sizes of train.py's default synthetic sets
 
 
 class EvalError(ValueError):
@@ -238,7 +238,6 @@ def derive_seed(*parts):
 
 def sharded_map(n_jobs, fn, desc=None):
     """[fn(k) for k in range(n_jobs)], split round-robin over the ranks; the results on every rank, in order."""
-    from tqdm import tqdm
     _, rank, _, world_size = dist.get_dist_info()
     mine = range(rank, n_jobs, world_size)
     results = {k: fn(k) for k in tqdm(mine, desc=desc, disable=rank != 0 or desc is None, leave=False)}
@@ -271,11 +270,8 @@ def sample_answers(policy, prompts, *, seed, batch_size=32, max_new_tokens=64, t
 
 @torch.no_grad()
 def score(rm, sequences, *, max_tokens=8192, device="cpu", desc=None):
-    """RM rewards of prompt + answer token lists. -> (len(sequences),) float64. Identical sequences are scored
-    once, so identical answers tie exactly (in different batches their rewards could differ in the last bits)."""
-    if dist.get_dist_info()[3] > 1 and any(hasattr(p, "device_mesh") for p in rm.parameters()):
-        raise EvalError("score() splits sequences over the ranks, so it needs an unsharded reward model "
-                        "(load_reward_model) on every rank, not an FSDP-sharded one")
+    """RM rewards of prompt + answer token lists, by an unsharded RM on every rank. -> (len(sequences),) float64.
+    Identical sequences are scored once, so identical answers tie exactly (else they could differ in the last bits)."""
     if any(len(s) == 0 for s in sequences):
         raise EvalError("cannot score an empty sequence")
     batches, n_tokens = [], 0
@@ -369,11 +365,9 @@ def scoring_sequences(tokenizer, prompts, answers, stats):
 def evaluate_policies(rm, policies, prompts, *, tokenizer, policy_toks=None, rounds=3, seed=0, temperature=1.0,
                       top_p=1.0, max_new_tokens=64, batch_size=32, oracle=None, init_seed=42, dtype=torch.float32,
                       device="cpu"):
-    """Sample every policy {name: checkpoint dir, Hub id or preset} on every prompt for `rounds` rounds, score
-    with the RM (whose tokenizer is `tokenizer`), compare every pair. -> win_rates' report plus "rewards",
-    "samples" and "settings". A policy reads the prompts with its own tokenizer (policy_toks) and chat template,
-    one model in memory at a time; its seed in round r is derived from (seed, r, name), so two names for one
-    checkpoint draw different samples."""
+    """Sample every policy {name: checkpoint dir, Hub id or preset} on every prompt for `rounds` rounds (each with
+    its own tokenizer and chat template, one model in memory at a time, seeded from (seed, r, name)), score with
+    the RM, compare every pair. -> win_rates' report plus "rewards", "samples" and "settings"."""
     names, n, render_stats, answers = list(policies), len(prompts), Counter(), {}    # name -> [round][prompt]
     toks = policy_toks if policy_toks is not None else policy_tokenizers(policies, tokenizer)
     for name in names:
@@ -525,11 +519,7 @@ def write_report(report, out_dir):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Tokenizers and train-rm's pairs
-#
-# Every model reads text with the tokenizer it was trained with; none is guessed. The RM: --tokenizer, else its
-# --init checkpoint's own (found as model.py finds the model), saved with it; a weightless preset (tiny) has none,
-# the synthetic one on --data synthetic only. A policy: its checkpoint's own (or --policy-tokenizer), tiny the RM's.
+# Tokenizers: every model reads text with the one it was trained with, none is guessed (the RM's is saved with it)
 
 
 def weightless_config(spec):
@@ -566,34 +556,6 @@ def policy_tokenizers(policies, rm_tok, given=None):
             check_vocab(where, config, rm_tok, "the RM's tokenizer", "give a checkpoint that has its own tokenizer")
             toks[name] = rm_tok
     return toks
-
-
-def synthetic_file(scratch_dir, n_pairs, seed, split):
-    """A data.write_synthetic parquet, written by rank 0 for all; "train" and "eval" splits share no prompt."""
-    path = Path(scratch_dir) / f"synthetic_{split}_{n_pairs}_seed{seed}.parquet"
-    if dist.is_master():
-        data.write_synthetic(path, n_pairs, seed=seed, split=split)
-    dist.barrier()
-    return path
-
-
-def read_pairs(flag, source, split, tok, args):
-    """One --data / --eval-data source -> a data.PairSet; prints how many rows were kept and why others were not."""
-    pairs = one_line(flag, data.build_pairs, source, tok, max_length=args.max_length,
-                     max_prompt_length=args.max_prompt_length, template=args.template, split=split)
-    dist.print0(f"{flag} {source}: {data.stats_line(pairs.stats)}")
-    if len(pairs) == 0:
-        raise EvalError(f"{flag} {source}: no usable pairs after filtering ({data.stats_line(pairs.stats)})")
-    return pairs
-
-
-def split_pairs(pairs, fraction, seed):
-    """A seeded random train / held-out split of a PairSet. -> (train list, held-out list)"""
-    perm = np.random.default_rng(seed).permutation(len(pairs))
-    n_held_out = int(round(len(pairs) * fraction))
-    if len(pairs) - n_held_out < 1:
-        raise EvalError(f"only {len(pairs)} usable pairs: too few to hold out {fraction:.0%} and still train")
-    return [pairs[i] for i in perm[n_held_out:]], [pairs[i] for i in perm[:n_held_out]]
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -667,26 +629,17 @@ def cmd_train_rm(args, device):
                         f"{args.data} needs --tokenizer (a folder, a Hub id, or 'synthetic' for data.py's pairs)")
     check_vocab(f"--init {args.init}", config, tok, f"tokenizer {tok.name!r}",
                 "pass the tokenizer that model was trained with (--tokenizer)")
-    # the held-out pairs as train.py takes them: --eval-data (or, with --eval-split alone, another split of
-    # --data) while all of --data trains; else a seeded --eval-fraction slice of --data
-    scratch = Path(args.out) / "data"
-    source = synthetic_file(scratch, SYNTHETIC_TRAIN_PAIRS, 0, "train") if args.data == "synthetic" else args.data
-    pairs = read_pairs("--data", source, args.split, tok, args)
-    origin = {"data": str(source), "data_stats": dict(pairs.stats)}
-    if args.eval_data is None and args.eval_split is None:
-        train_pairs, held_out = split_pairs(pairs, args.eval_fraction, args.seed)
-        dist.print0(f"held out {len(held_out)} of those pairs for accuracy (--eval-fraction {args.eval_fraction})")
-    else:
-        eval_source = args.eval_data or source
-        if eval_source == "synthetic":           # a separate set, like train.py's: seed 1, split "eval"
-            eval_source = synthetic_file(scratch, SYNTHETIC_EVAL_PAIRS, 1, "eval")
-        held_out = read_pairs("--eval-data", eval_source, args.eval_split, tok, args)
-        origin.update(val_data=str(eval_source), val_data_stats=dict(held_out.stats))
-        train_pairs, held_out = list(pairs), list(held_out)
+    # train.py's rule: --eval-data (or, with --eval-split alone, another split of --data) while all of --data
+    # trains; else a seeded --eval-fraction of --data is held out
+    train_pairs, held_out, origin = data.train_and_eval_pairs(
+        args.data, args.split, args.eval_data, args.eval_split, args.eval_fraction, args.seed, tok,
+        Path(args.out) / "data", writer=dist.is_master(), barrier=dist.barrier, log=dist.print0,
+        max_length=args.max_length, max_prompt_length=args.max_prompt_length, template=args.template)
+    meta = {"data": origin["data"], "data_stats": origin["data_stats"], "val_data": origin["eval_data"],
+            "val_data_stats": origin["eval_data_stats"], "tokenizer": tok.name}
     same_names = ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "init_seed", "shared_prompt", "log_every")
     _, result = train_reward_model(train_pairs, init=args.init, val_pairs=held_out, out_dir=args.out, tokenizer=tok,
-                                   device=device, meta={**origin, "tokenizer": tok.name},
-                                   **{k: getattr(args, k) for k in same_names})
+                                   device=device, meta=meta, **{k: getattr(args, k) for k in same_names})
     dist.print0(f"saved reward model to {args.out} (held-out accuracy {result.get('val_accuracy', float('nan')):.3f})")
 
 
@@ -700,7 +653,10 @@ def cmd_winrate(args, device):
     policy_toks = policy_tokenizers(policies, rm_tok, given)
     source = args.data
     if source == "synthetic":            # fresh prompts from a seed the RM and train.py never used
-        source = synthetic_file(Path(args.out) / "data", args.n_prompts, 12345, "eval")
+        source = Path(args.out) / "data" / f"synthetic_prompts_{args.n_prompts}.parquet"
+        if dist.is_master():
+            data.write_synthetic(source, args.n_prompts, seed=12345, split="eval")
+        dist.barrier()
     prompts, stats = one_line("--data", load_prompts, source, rm_tok, n_prompts=args.n_prompts, split=args.split,
                               template=args.template, max_prompt_length=args.max_prompt_length)
     dist.print0(prompts_line(source, prompts, stats))

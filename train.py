@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype; auto = bfloat16 on CUDA, float32 on CPU (master weights are always float32)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    g.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "varlen"],
+    g.add_argument("--attention", default="auto", choices=model_lib.KERNELS,
                    help="attention kernel; auto = flash-attn, else torch varlen, else SDPA; all but sdpa need CUDA")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
@@ -231,58 +231,24 @@ def build_model(args, config, ckpt_dir, device, compute_dtype):
 
 
 def load_data(args, tok, ckpt_dir, rank: int, resumed: bool):
-    """Train and eval pairs (PairSets: tokenized, filtered, with counts of what was dropped and why). Writes the
-    synthetic default's files under OUT/data/ and, once the sources are read, OUT/run.json (at a fresh start)."""
-    kw = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-              template=args.template, columns=data.parse_columns(args.columns))
-    train_src, eval_src = args.data, args.eval_data
-    if train_src is None:  # the embedded default: synthetic pairs with a held-out synthetic eval set
-        folder = Path(args.out) / "data"
-        train_src = folder / f"synthetic_train_{args.synthetic_pairs}.parquet"
-        if rank == 0 and not train_src.exists():
-            data.write_synthetic(train_src, args.synthetic_pairs, seed=0, split="train")
-        if eval_src is None:
-            eval_src = folder / "synthetic_eval.parquet"
-            if rank == 0 and not eval_src.exists():
-                data.write_synthetic(eval_src, 200, seed=1, split="eval")
-        dist.barrier()
-    elif eval_src is None and args.eval_split is not None:
-        eval_src = train_src       # another split of the training source
-    train = read_pairs("train", train_src, args.split, tok, kw)
-    if eval_src is not None:
-        # --eval-split names the split of whichever source the eval pairs come from (a Hub id needs one)
-        evals = read_pairs("eval", eval_src, args.eval_split, tok, kw)
-    elif args.eval_fraction > 0:   # a fixed random fraction, the same on every rank (seeded)
-        n_eval = max(1, round(len(train) * args.eval_fraction))
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        train, evals = [train[i] for i in perm[n_eval:]], [train[i] for i in perm[:n_eval]]
-        print0(f"eval: held out {len(evals)} of the training pairs (--eval-fraction {args.eval_fraction})")
-    else:
-        evals = []
-    if len(train) == 0:
-        raise UserError(f"--data {train_src}: no usable pairs after filtering")
+    """Train and eval pairs (data.train_and_eval_pairs: the synthetic default's files under OUT/data/, held-out
+    pairs by --eval-data, --eval-split or --eval-fraction); then, at a fresh start, OUT/run.json."""
+    train, evals, origin = data.train_and_eval_pairs(
+        args.data or "synthetic", args.split, args.eval_data or (None if args.data else "synthetic"), args.eval_split,
+        args.eval_fraction, args.seed, tok, Path(args.out) / "data", synthetic_pairs=args.synthetic_pairs,
+        writer=rank == 0, barrier=dist.barrier, log=print0, max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length, template=args.template, columns=data.parse_columns(args.columns))
     run_json = Path(args.out) / "run.json"   # what eval_rm.py needs to evaluate this run (`eval_rm.py demo --root OUT`)
     if rank == 0 and not (resumed and run_json.exists()):
         run = {"model": args.model, "seed": args.seed,
                # the tokenizer this run read text with; null = the --model checkpoint's own
                "tokenizer": args.tokenizer or ("synthetic" if ckpt_dir is None else None), "template": args.template,
-               "train_data": str(train_src), "train_split": args.split,
+               "train_data": origin["data"], "train_split": args.split,
                # null: the eval pairs were held out of the training pairs (or there are none)
-               "eval_data": None if eval_src is None else str(eval_src), "eval_split": args.eval_split,
+               "eval_data": origin["eval_data"], "eval_split": args.eval_split,
                "max_length": args.max_length, "max_prompt_length": args.max_prompt_length, "args": vars(args)}
         run_json.write_text(json.dumps(run, indent=1) + "\n")
     return train, evals
-
-
-def read_pairs(name: str, source, split, tok, kw):
-    """data.build_pairs for the train or eval pairs, its one-sentence errors saying which of the two."""
-    try:
-        pairs = data.build_pairs(source, tok, split=split, **kw)
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(f"{name} data: {e}") from None
-    print0(f"{name}: {len(pairs)} pairs from {source}" + ("" if split is None else f" [{split}]")
-           + (f" ({data.stats_line(pairs.stats)})" if pairs.stats else ""))
-    return pairs
 
 
 def make_batchers(args, train_pairs, eval_pairs, rank: int, world_size: int):

@@ -149,7 +149,7 @@ def test_reward_model_learns_synthetic_preferences(tmp_path):
     torch.manual_seed(0)
     tok = data.synthetic_tokenizer()
     pairs = data.build_pairs(data.write_synthetic(tmp_path / "pairs.parquet", 1000, seed=0), tok)
-    train, val = eval_rm.split_pairs(pairs, 0.2, seed=0)
+    train, val = data.hold_out(pairs, 0.2, seed=0)
     init = tmp_path / "init"
     model_lib.Transformer(small_config()).save_pretrained(init)
     rm, result = eval_rm.train_reward_model(train, init=str(init), val_pairs=val, out_dir=tmp_path / "rm",
@@ -423,7 +423,7 @@ def test_eval_data_replaces_the_eval_fraction_slice(tmp_path):
     (["train-rm", "--max-prompt-length", "2048"], "need 0 < max_prompt_length (2048) <= max_length (1024)"),
     (["train-rm", "--template", "/no/such.jinja"], "--template: "),
     (["train-rm", "--data", "PARQUET"], "--init tiny is a random-init preset with no tokenizer"),
-    (["train-rm", "--data", "/no/such.parquet", "--tokenizer", "synthetic"], "--data: "),
+    (["train-rm", "--data", "/no/such.parquet", "--tokenizer", "synthetic"], "train data: "),
     (["train-rm", "--init", "/no/such/dir"], "--init /no/such/dir: "),
     (["winrate", "--top-p", "0"], "--temperature/--top-p: sampling needs 0 < top_p <= 1 and temperature >= 0, "
                                   "got top_p=0.0"),
