@@ -1,8 +1,6 @@
 """
-Distributed helpers for train.py and eval_rm.py: process group setup, rank-0 printing,
-the compute dtype and the lr schedule both entry points use, metric reduction, FSDP2
-sharding, weight loading after sharding, atomic distributed checkpoints and the
-Hugging Face export.
+Distributed helpers for train.py and eval_rm.py: process group, rank-0 printing, the compute dtype and lr
+schedule both use, metric reduction, FSDP2 sharding and loading, atomic checkpoints, the Hugging Face export.
 
 The same code path serves three situations:
   python train.py                        one process, no process group, plain module
@@ -14,6 +12,7 @@ Style after nanochat (get_dist_info / compute_init / print0) and torchtitan
 FSDP2, DTensor and DCP are imported where they are used: torch.distributed.tensor alone takes
 over a second to import, which a command that never shards or checkpoints need not pay.
 """
+import importlib
 import json
 import math
 import os
@@ -53,12 +52,9 @@ def print0(*args, **kwargs) -> None:
 
 
 def compute_init(device_type: str = "auto") -> torch.device:
-    """Pick this process's device and, under torchrun, start the process group.
-
-    Under torchrun each process owns cuda:LOCAL_RANK; set_device must come before
-    init_process_group so that NCCL binds its communicator to the right GPU.
-    Without torchrun nothing is initialised and the model stays a plain module.
-    """
+    """Pick this process's device and, under torchrun, start the process group. Each process owns
+    cuda:LOCAL_RANK; set_device comes first so that NCCL binds its communicator to the right GPU. Without
+    torchrun nothing is initialised and the model stays a plain module."""
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -128,11 +124,8 @@ def all_reduce_sum(values: dict[str, float], device) -> dict[str, float]:
 
 
 def all_reduce_metrics(metrics: dict[str, float], count: float, device) -> dict[str, float]:
-    """Count-weighted mean of each metric over ranks: sum_r(m_r * n_r) / sum_r(n_r).
-
-    A rank that saw more pairs weighs more, so the result equals the metric of the
-    global batch (for metrics that are means over pairs), not a mean of rank means.
-    """
+    """Count-weighted mean of each metric over ranks, sum_r(m_r * n_r) / sum_r(n_r): the metric of the global
+    batch (for means over pairs), not a mean of rank means."""
     sums = all_reduce_sum({**{k: v * count for k, v in metrics.items()}, "__count": count}, device)
     total = sums.pop("__count")
     return {k: v / max(total, 1e-12) for k, v in sums.items()}
@@ -152,15 +145,12 @@ def all_reduce_max(value: float, device) -> float:
 def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = None,
                 reduce_dtype: torch.dtype | None = torch.float32,
                 activation_checkpointing: bool = False) -> nn.Module:
-    """fully_shard each transformer block, then the root (embedding, final norm, lm_head).
+    """fully_shard each transformer block, then the root (embedding, final norm, lm_head), as torchtitan does.
 
-    Call on a model built on the meta device: sharding only rewrites parameter
-    metadata, so nothing is allocated until to_empty(). Blocks are separate FSDP
-    units so that only one block's full weights are gathered at a time. param_dtype
-    is the compute dtype (bf16 on GPU); the sharded master weights stay fp32 and
-    gradients are reduced in reduce_dtype (fp32), as in torchtitan.
-    With no process group (one process) the model is returned unsharded.
-    """
+    Call it on the meta device: sharding only rewrites parameter metadata, nothing is allocated until
+    to_empty(). One FSDP unit per block: one block's full weights are gathered at a time. param_dtype is the
+    compute dtype (bf16 on GPU); master weights stay fp32, gradients are reduced in reduce_dtype (fp32).
+    With no process group (one process) the model is returned unsharded."""
     # model.py recomputes each block in backward when this flag is set (torch.utils.checkpoint around
     # the block call, which runs FSDP's unshard hook again during the recompute)
     model.activation_checkpointing = activation_checkpointing
@@ -234,13 +224,15 @@ SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pat
 
 
 class CheckpointUnpickler(pickle.Unpickler):
-    """Admits what DCP's metadata is made of (its own classes, torch.Size, dtypes, layouts), nothing else."""
+    """Admits what DCP's metadata is made of (its own classes, torch.Size, dtypes, layouts), nothing else; a
+    module is imported only once it is known to be one of those (importing a named module can run code)."""
 
     def find_class(self, module, name):
-        obj = getattr(__import__(module, fromlist=["_"]), name, None) if "." not in name else None
-        if ((module, name) in SAFE_GLOBALS or (module == "torch" and isinstance(obj, torch.dtype))
-                or (module == DCP_METADATA and isinstance(obj, type) and obj.__module__ == module)):
-            return obj
+        if "." not in name and module in {m for m, _ in SAFE_GLOBALS} | {"torch", DCP_METADATA}:
+            obj = getattr(importlib.import_module(module), name, None)
+            if ((module, name) in SAFE_GLOBALS or (module == "torch" and isinstance(obj, torch.dtype))
+                    or (module == DCP_METADATA and isinstance(obj, type) and obj.__module__ == module)):
+                return obj
         raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
 
 
@@ -391,10 +383,7 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer) -> dict:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Gather the full (unsharded) fp32 state dict onto rank 0's CPU; other ranks get {}.
-
-    A collective: every rank must call it.
-    """
+    """Gather the full (unsharded) fp32 state dict onto rank 0's CPU; other ranks get {}. A collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -402,11 +391,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_hf(model: nn.Module, config, tokenizer, out_dir: Path) -> Path:
-    """Write out_dir in Hugging Face format (config.json, *.safetensors, tokenizer files).
-
-    A collective (the gather); only rank 0 writes. Written to a tmp dir then renamed,
-    so a reader never sees half an export.
-    """
+    """Write out_dir in Hugging Face format (config.json, *.safetensors, tokenizer files). A collective (the
+    gather); rank 0 writes into a tmp dir, then renames it: a reader never sees half an export."""
     out_dir = Path(out_dir)
     sd = full_state_dict(model)
     if is_master():

@@ -74,3 +74,17 @@ def test_resume_from_a_planted_checkpoint_is_one_line_and_runs_nothing(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and ".metadata is not DCP checkpoint metadata" in err[0]
     assert not marker.exists()
+
+
+def test_the_metadata_unpickler_imports_no_module_it_does_not_admit(tmp_path):
+    """A pickle that names an unknown module is refused before that module is imported."""
+    import sys
+    (tmp_path / "evil_module_xyz.py").write_text("import pathlib; pathlib.Path(__file__).with_name('ran').touch()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        payload = b"\x80\x04cevil_module_xyz\nanything\n."   # GLOBAL evil_module_xyz.anything
+        with pytest.raises(pickle.UnpicklingError):
+            dist.CheckpointUnpickler(__import__("io").BytesIO(payload)).load()
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert not (tmp_path / "ran").exists() and "evil_module_xyz" not in sys.modules
