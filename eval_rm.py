@@ -251,8 +251,7 @@ def sharded_map(n_jobs, fn, desc=None):
 @torch.no_grad()
 def sample_answers(policy, prompts, *, seed, batch_size=32, max_new_tokens=64, temperature=1.0, top_p=1.0,
                    eos_id=None, device="cpu", desc=None):
-    """One sampled answer (new ids, EOS included) per prompt, the same on any world size; prompts are batched
-    in length order, so a batch pads them to similar lengths."""
+    """One sampled answer (new ids, EOS included) per prompt, the same on any world size; batched in length order."""
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
@@ -261,11 +260,8 @@ def sample_answers(policy, prompts, *, seed, batch_size=32, max_new_tokens=64, t
         return policy.generate([prompts[i] for i in batches[k]], max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, eos_id=eos_id, generator=generator)
 
-    answers = [None] * len(prompts)
-    for idx, outs in zip(batches, sharded_map(len(batches), run, desc=desc)):
-        for i, out in zip(idx, outs):
-            answers[i] = [int(t) for t in out]
-    return answers
+    by_prompt = dict(zip(order, itertools.chain.from_iterable(sharded_map(len(batches), run, desc=desc))))
+    return [[int(t) for t in by_prompt[i]] for i in range(len(prompts))]
 
 
 @torch.no_grad()
@@ -290,9 +286,7 @@ def score(rm, sequences, *, max_tokens=8192, device="cpu", desc=None):
         last_rows = torch.cumsum(lengths, 0) - 1                                        # (S,)
         return rm(input_ids.to(device), position_ids.to(device), seg_lens, last_rows.to(device)).cpu().tolist()
 
-    rewards = {}
-    for batch, values in zip(batches, sharded_map(len(batches), run, desc=desc)):
-        rewards.update(zip(batch, values))
+    rewards = dict(zip(itertools.chain(*batches), itertools.chain(*sharded_map(len(batches), run, desc=desc))))
     return np.array([rewards[tuple(s)] for s in sequences], dtype=np.float64)
 
 
@@ -341,13 +335,6 @@ def prompts_line(source, prompts, stats):
             f"({stats['rows'] - len(prompts)} skipped: {why or 'none'})")
 
 
-def answer_text(tokenizer, answer_ids):
-    """The text of a sampled answer: its tokens before the first EOS. Ids outside the tokenizer's vocabulary
-    (an untrained model with vocab_size 512 can sample them) decode to nothing; they are counted."""
-    ids = answer_ids[:answer_ids.index(tokenizer.eos_id)] if tokenizer.eos_id in answer_ids else answer_ids
-    return tokenizer.decode(ids), sum(1 for t in ids if t >= tokenizer.vocab_size)
-
-
 def scoring_sequences(tokenizer, prompts, answers, stats):
     """[(prompt index, answer text)] -> prompt + answer token ids, rendered and tokenized exactly as data.py
     builds a training sequence. Scoring the raw sampled ids instead would put the RM's read-out on another
@@ -368,23 +355,25 @@ def evaluate_policies(rm, policies, prompts, *, tokenizer, policy_toks=None, rou
     """Sample every policy {name: checkpoint dir, Hub id or preset} on every prompt for `rounds` rounds (each with
     its own tokenizer and chat template, one model in memory at a time, seeded from (seed, r, name)), score with
     the RM, compare every pair. -> win_rates' report plus "rewards", "samples" and "settings"."""
-    names, n, render_stats, answers = list(policies), len(prompts), Counter(), {}    # name -> [round][prompt]
+    names, n, render_stats = list(policies), len(prompts), Counter()
     toks = policy_toks if policy_toks is not None else policy_tokenizers(policies, tokenizer)
+    answers, texts, out_of_vocab = {}, {}, {}    # name -> [round][prompt] ids, [round][prompt] texts, a count
     for name in names:
-        tok = toks[name]
-        if tok is tokenizer:
-            prompt_ids = [p["ids"] for p in prompts]
-        else:                                    # rendered again with its own tokenizer and chat template
-            prompt_ids = [tok.encode(data.render_texts(p["conversation"], data.resolve_template(
-                p["template_option"], tok, p["layout"]), tok, Counter())[0]) for p in prompts]
+        tok = toks[name]                         # not the RM's: every prompt rendered again, with its chat template
+        prompt_ids = [p["ids"] if tok is tokenizer else tok.encode(data.render_texts(
+            p["conversation"], data.resolve_template(p["template_option"], tok, p["layout"]), tok, Counter())[0])
+            for p in prompts]
         policy = load_policy(policies[name], device, init_seed, dtype)
         answers[name] = [sample_answers(policy, prompt_ids, seed=derive_seed(seed, r, name), batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                         eos_id=tok.eos_id, device=device, desc=f"sample {name} round {r}")
                          for r in range(rounds)]
         del policy
-    decoded = {name: [[answer_text(toks[name], a) for a in row] for row in answers[name]] for name in names}
-    texts = {name: [[t for t, _ in row] for row in decoded[name]] for name in names}
+        # an answer's text is its tokens before the first EOS; ids outside the tokenizer's vocabulary (an untrained
+        # model with vocab_size 512 can sample them) decode to nothing, and are counted
+        cut = [[a[:a.index(tok.eos_id)] if tok.eos_id in a else a for a in row] for row in answers[name]]
+        texts[name] = [[tok.decode(ids) for ids in row] for row in cut]
+        out_of_vocab[name] = sum(t >= tok.vocab_size for row in cut for ids in row for t in ids)
     sequences = scoring_sequences(tokenizer, prompts, [(i, t) for name in names for row in texts[name]
                                                        for i, t in enumerate(row)], render_stats)
     flat = score(rm, sequences, device=device, desc="score").reshape(len(names), rounds, n)
@@ -396,7 +385,7 @@ def evaluate_policies(rm, policies, prompts, *, tokenizer, policy_toks=None, rou
     for name in names:
         report["policies"][name].update(
             path=str(policies[name]), tokenizer=toks[name].name,
-            out_of_vocab_tokens_dropped=sum(u for row in decoded[name] for _, u in row),
+            out_of_vocab_tokens_dropped=int(out_of_vocab[name]),
             mean_answer_tokens=float(np.mean([len(a) for row in answers[name] for a in row])))
     report["rewards"] = {name: rewards[name].tolist() for name in names}
     report["samples"] = [{"round": r, "policy": name, "prompt_index": i, "prompt": prompts[i]["text"],
@@ -502,17 +491,15 @@ def plot_reward_distributions(rewards, path):
 
 def write_report(report, out_dir):
     """winrates.json (all but the samples), winrates.csv (+ oracle_winrates.csv), rewards.png, samples.jsonl."""
-    out_dir, names = Path(out_dir), list(report["policies"])
-    paths = {"json": out_dir / "winrates.json", "csv": out_dir / "winrates.csv",
-             "png": out_dir / "rewards.png", "samples": out_dir / "samples.jsonl"}
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "winrates.json", "png": out_dir / "rewards.png", "samples": out_dir / "samples.jsonl"}
     paths["json"].write_text(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2) + "\n")
-    if "oracle" in report:
-        paths["oracle_csv"] = out_dir / "oracle_winrates.csv"
-    for key, which in (("csv", "rm"), ("oracle_csv", "oracle")):
-        if key in paths:
+    for key, which, name in (("csv", "rm", "winrates.csv"), ("oracle_csv", "oracle", "oracle_winrates.csv")):
+        if which in report:
+            paths[key] = out_dir / name
             with open(paths[key], "w", newline="") as f:
-                csv.writer(f).writerows(table_rows(report[which], names, 4, "policy", ""))
+                csv.writer(f).writerows(table_rows(report[which], list(report["policies"]), 4, "policy", ""))
     paths["samples"].write_text("".join(json.dumps(record) + "\n" for record in report["samples"]))
     plot_reward_distributions(report["rewards"], paths["png"])
     return paths
@@ -528,10 +515,15 @@ def weightless_config(spec):
     return preset if isinstance(preset, model_lib.ModelConfig) and not Path(str(spec)).is_dir() else None
 
 
-def checkpoint_tokenizer(flag, spec, remedy):
-    """The tokenizer saved with checkpoint `spec`: tokenizer.json, or GPT-2-style vocab.json + merges.txt (OPT)."""
-    ckpt_dir = one_line(flag, model_lib.resolve_checkpoint, spec)
-    return one_line(flag, data.load_tokenizer, ckpt_dir,
+def model_tokenizer(where, spec, given_flag, given, remedy):
+    """How model `spec` reads text: the tokenizer a flag gave, else the one saved with its checkpoint (tokenizer.json,
+    or GPT-2-style vocab.json + merges.txt as OPT has); None for a weightless preset, which has none of its own."""
+    if given:
+        return one_line(given_flag, data.load_tokenizer, given)
+    if weightless_config(spec) is not None:
+        return None
+    ckpt_dir = one_line(where, model_lib.resolve_checkpoint, spec)
+    return one_line(where, data.load_tokenizer, ckpt_dir,
                     why=f"; without it, how this model reads text is unknown: {remedy}")
 
 
@@ -546,14 +538,13 @@ def policy_tokenizers(policies, rm_tok, given=None):
     """{name: its tokenizer}: --policy-tokenizer's, else the checkpoint's own; a weightless preset the RM's."""
     toks = {}
     for name, spec in policies.items():
-        where, config = f"--policy {name}={spec}", weightless_config(spec)
-        if name in (given or {}):
-            toks[name] = one_line(f"--policy-tokenizer {name}", data.load_tokenizer, given[name])
-        elif config is None:
-            toks[name] = checkpoint_tokenizer(where, spec, f"save the policy's tokenizer there (train.py does), "
-                                                           f"or pass --policy-tokenizer {name}=TOKENIZER")
-        else:
-            check_vocab(where, config, rm_tok, "the RM's tokenizer", "give a checkpoint that has its own tokenizer")
+        where = f"--policy {name}={spec}"
+        toks[name] = model_tokenizer(where, spec, f"--policy-tokenizer {name}", (given or {}).get(name),
+                                     f"save the policy's tokenizer there (train.py does), "
+                                     f"or pass --policy-tokenizer {name}=TOKENIZER")
+        if toks[name] is None:
+            check_vocab(where, weightless_config(spec), rm_tok, "the RM's tokenizer",
+                        "give a checkpoint that has its own tokenizer")
             toks[name] = rm_tok
     return toks
 
@@ -618,13 +609,10 @@ def check_args(args):
 def cmd_train_rm(args, device):
     """train-rm: its tokenizer (against --init's vocabulary), the pairs and held-out pairs, eq. 11, the saved RM."""
     config, _ = one_line(f"--init {args.init}", model_lib.resolve_model, args.init)
-    if args.tokenizer:
-        tok = one_line("--tokenizer", data.load_tokenizer, args.tokenizer)
-    elif weightless_config(args.init) is None:
-        tok = checkpoint_tokenizer(f"--init {args.init}", args.init, "pass --tokenizer")
-    elif args.data == "synthetic":
+    tok = model_tokenizer(f"--init {args.init}", args.init, "--tokenizer", args.tokenizer, "pass --tokenizer")
+    if tok is None and args.data == "synthetic":
         tok = data.synthetic_tokenizer()
-    else:
+    elif tok is None:
         raise EvalError(f"--init {args.init} is a random-init preset with no tokenizer of its own, so --data "
                         f"{args.data} needs --tokenizer (a folder, a Hub id, or 'synthetic' for data.py's pairs)")
     check_vocab(f"--init {args.init}", config, tok, f"tokenizer {tok.name!r}",
@@ -647,9 +635,8 @@ def cmd_winrate(args, device):
     """winrate: tokenizers and prompts first (bad input fails before any model is loaded), then the RM."""
     policies, given = parse_policies(args)
     require_rm_dir(args.rm)
-    flag, why = ("--tokenizer", "") if args.tokenizer else (
-        f"--rm {args.rm}", " (train-rm saves the one the RM was trained with); pass --tokenizer")
-    rm_tok = one_line(flag, data.load_tokenizer, args.tokenizer or args.rm, why=why)
+    rm_tok = model_tokenizer(f"--rm {args.rm}", args.rm, "--tokenizer", args.tokenizer,
+                             "pass --tokenizer (train-rm saves the one the RM was trained with)")
     policy_toks = policy_tokenizers(policies, rm_tok, given)
     source = args.data
     if source == "synthetic":            # fresh prompts from a seed the RM and train.py never used
