@@ -1,23 +1,18 @@
 """
-A decoder-only Transformer in one file: Llama, Mistral, OPT and Phi, loading and saving Hugging Face
-safetensors checkpoints, with a padding-free packed forward for ORPO training. Reading order:
-  1. ModelConfig  - one dataclass; the differences between the four families are behaviour flags.
-  2. The model    - norm, rope, Attention, MLP, Block, Transformer (packed_hidden, token_logps, generate).
-  3. Attention    - ONE function, `attend`, over flash-attn / torch varlen / SDPA, and the "layout" it reads.
-  4. Hugging Face - config.json in and out, Hub download, per-family names, strict loading, saving.
+A decoder-only Transformer in one file: Llama, Mistral, OPT and Phi, Hugging Face safetensors in and out, and a
+padding-free packed forward for ORPO training. Sections: 1. ModelConfig (the families differ by behaviour flags),
+2. the model, 3. attention (`attend` over flash-attn / torch varlen / SDPA), 4. Hugging Face config.json, Hub
+download, names, strict loading and saving.
 
-The packed batch (data.PackedBatch): N tokens in one flat stream, S segments,
-seg_lens[s] = (shared_len, chosen_len, rejected_len). A token attends to earlier tokens of its own
-segment, and a rejected token never sees a chosen one (the prompt is computed once and shared by
-both answers). Rejected positions restart at the end of the prompt, so every chosen and
-rejected token sees exactly what it would see in its own [prompt | answer] sequence.
-
-No transformers at run time: the tests check logits against transformers to 1e-4 in float32.
+A packed batch (data.PackedBatch) is N tokens in one stream of S segments, seg_lens[s] = (shared_len, chosen_len,
+rejected_len). A token attends to earlier tokens of its own segment, a rejected token never to a chosen one, and
+rejected positions restart at the end of the prompt: the prompt is computed once for both answers, and every answer
+token sees exactly what it would see in its own [prompt | answer] sequence. No transformers at run time: the tests
+check logits against it to 1e-4 in float32.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
@@ -31,6 +26,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 
 class ModelConfigError(ValueError):
@@ -74,7 +71,6 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rotary_fraction: float = 1.0     # Phi rotates only the first 40% of each head's dims
     rope_scaling: dict | None = None # None = plain RoPE, else HF's keys, e.g. {"rope_type": "linear", "factor": 2.0}
-    learned_pos_offset: int = 2      # OPT reserves the first two rows of its position table
     embed_dim: int | None = None     # OPT's word_embed_proj_dim: != dim adds project_in / project_out
     sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` positions only
     tie_embeddings: bool = False     # lm_head.weight is tok_embeddings.weight
@@ -105,16 +101,11 @@ class ModelConfig:
                 raise ModelConfigError(f"ModelConfig.{name}={value!r} is not one of {allowed}")
         if self.rotary_dim % 2:
             raise ModelConfigError(f"rotary dims {self.rotary_dim} (head_dim * rotary_fraction) must be even")
-        scaling = self.rope_scaling
-        if scaling is not None:
-            rope_type = scaling.get("rope_type") if isinstance(scaling, dict) else None
-            if rope_type not in _ROPE_SCALING_KEYS:
-                raise ModelConfigError(f"ModelConfig.rope_scaling={scaling!r}: want None or a dict whose rope_type "
-                                       f"is one of {sorted(_ROPE_SCALING_KEYS)}")
-            want = {"rope_type", *_ROPE_SCALING_KEYS[rope_type]}
-            if set(scaling) != want:
-                raise ModelConfigError(f"ModelConfig.rope_scaling={scaling!r}: {rope_type!r} takes exactly the keys "
-                                       f"{sorted(want)}")
+        s = self.rope_scaling
+        keys = _ROPE_SCALING_KEYS.get(s.get("rope_type")) if isinstance(s, dict) else None
+        if s is not None and (keys is None or set(s) != {"rope_type", *keys}):
+            raise ModelConfigError(f"ModelConfig.rope_scaling={s!r}: want None or a dict of a rope_type and exactly "
+                                   f"the keys that type takes: {_ROPE_SCALING_KEYS}")
 
     @property
     def rotary_dim(self) -> int:
@@ -277,8 +268,7 @@ class Transformer(nn.Module):
         c = self.config = config
         self.attention = attention   # the packed forward's kernel, see pick_attention (None = "auto")
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.embed_dim)
-        self.pos_embeddings = (nn.Embedding(c.max_seq_len + c.learned_pos_offset, c.dim)
-                               if c.positions == "learned" else None)
+        self.pos_embeddings = nn.Embedding(c.max_seq_len + 2, c.dim) if c.positions == "learned" else None
         self.project_in = nn.Linear(c.embed_dim, c.dim, bias=False) if c.embed_dim != c.dim else None
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = make_norm(c) if c.final_norm else None
@@ -320,7 +310,7 @@ class Transformer(nn.Module):
             if int(position_ids.max()) >= c.max_seq_len:
                 raise ValueError(f"position {int(position_ids.max())} is past the {c.max_seq_len} learned positions "
                                  f"of this {c.family} model: sequences may be at most {c.max_seq_len} tokens long")
-            x = x + self.pos_embeddings(position_ids + c.learned_pos_offset)
+            x = x + self.pos_embeddings(position_ids + 2)   # OPT reserves the table's first two rows
         rope = rope_cos_sin(c, position_ids) if c.positions == "rope" else None  # once, for all blocks
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block, cache in zip(self.layers, caches or [None] * len(self.layers)):
@@ -375,31 +365,24 @@ class Transformer(nn.Module):
         T_max = T0 + max_new_tokens
         if c.positions == "learned" and T_max > c.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {T_max} exceeds the model's {c.max_seq_len} positions")
-        ids = torch.zeros(B, T_max, dtype=torch.long, device=device)
-        real = torch.zeros(B, T_max, dtype=torch.bool, device=device)      # not left padding
-        for b, p in enumerate(prompts):
-            ids[b, T0 - len(p):T0] = torch.tensor(p, device=device)
-            real[b, T0 - len(p):] = True
-        pos = (real.cumsum(1) - 1).clamp(min=0)                             # (B, T_max)
+        ids = torch.tensor([[0] * (T0 - len(p)) + list(p) + [0] * max_new_tokens for p in prompts], device=device)
         slot = torch.arange(T_max, device=device)
+        real = slot >= T0 - torch.tensor([len(p) for p in prompts], device=device)[:, None]   # (B, T_max) not padding
+        pos = (real.cumsum(1) - 1).clamp(min=0)                             # (B, T_max)
         caches = [KVCache(B, T_max, c.n_kv_heads, c.head_dim, self.tok_embeddings.weight.dtype, device)
                   for _ in self.layers]
-        out, done, start = [[] for _ in range(B)], [False] * B, 0
+        start = 0
         for end in range(T0, T_max):   # the first pass reads the whole (padded) prompt, the others one token
             q, k = slot[start:end, None], slot[None, :end]
             mask = (real[:, None, :end] & (k <= q)) | (k == q)                 # (B, Tq, Tk); pad rows see themselves
             if c.sliding_window is not None:
                 mask &= pos[:, start:end, None] - pos[:, None, :end] < c.sliding_window
             hidden = self._trunk(ids[:, start:end], pos[:, start:end], Layout("sdpa", mask=mask[:, None]), caches)
-            tok = sample_next(self.lm_head(hidden[:, -1]), temperature, top_p, generator)   # (B,)
-            for b, t in enumerate(tok.tolist()):
-                if not done[b]:
-                    out[b].append(t)
-                    done[b] = t == eos_id
-            if all(done):
+            ids[:, end], start = sample_next(self.lm_head(hidden[:, -1]), temperature, top_p, generator), end
+            if eos_id is not None and (ids[:, T0:end + 1] == eos_id).any(1).all():
                 break
-            ids[:, end], start = tok, end
-        return out
+        new = ids[:, T0:start + 1].tolist()                                 # nothing when max_new_tokens = 0
+        return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in new]
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32,
@@ -411,11 +394,9 @@ class Transformer(nn.Module):
             return cls(config).to(device=device, dtype=dtype)
         with torch.device("meta"):          # no memory, no init: the checkpoint provides every value
             model = cls(config)
-        for name, tensor in iter_hf_tensors(ckpt, config):
+        for name, tensor in iter_hf_tensors(ckpt, config):   # assign (not copy) each: one copy of the weights
             module_name, _, leaf = name.rpartition(".")
-            # assign (not copy) the freshly read tensor: one copy of the weights, never two
-            param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=True)
-            setattr(model.get_submodule(module_name), leaf, param)
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor.to(device=device, dtype=dtype)))
         model.tie_weights()
         return model
 
@@ -439,8 +420,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
-        # drop a token when the tokens strictly more likely than it already reach top_p (the first is
-        # always kept, as top_p > 0)
+        # drop a token once the tokens more likely than it reach top_p (the first is kept, as top_p > 0)
         sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -458,40 +438,36 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_size):
-        M = h.shape[0]
-        out = torch.empty(M, dtype=torch.float32, device=h.device)
-        lse = torch.empty(M, dtype=torch.float32, device=h.device)
-        for s in range(0, M, chunk_size):
-            e = s + chunk_size
-            logits = F.linear(h[s:e], weight, bias).float()                  # (C, V)
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
-            out[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
-        ctx.save_for_backward(h, weight, bias, targets, lse)
+        out, lse = [], []
+        for hc, tc in zip(h.split(chunk_size), targets.split(chunk_size)):
+            logits = F.linear(hc, weight, bias).float()                      # (C, V)
+            lse.append(torch.logsumexp(logits, dim=-1))
+            out.append(logits.gather(1, tc[:, None]).squeeze(1) - lse[-1])
+        ctx.save_for_backward(h, weight, bias, targets, torch.cat(lse))
         ctx.chunk_size = chunk_size
         # backward runs outside autocast: remember it, so the recomputed logits match the forward's
         ctx.amp_dtype = _autocast_dtype(h.device.type)
-        return out
+        return torch.cat(out)
 
     @staticmethod
     def backward(ctx, grad_out):
         h, weight, bias, targets, lse = ctx.saved_tensors
-        grad_h = torch.empty_like(h)
+        grad_h = []
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)   # float32 even for bf16
         grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         amp = torch.autocast(h.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None)
-        for s in range(0, h.shape[0], ctx.chunk_size):
-            e = s + ctx.chunk_size
-            hc, g = h[s:e], grad_out[s:e].float()
+        n = ctx.chunk_size
+        for hc, tc, lc, g in zip(h.split(n), targets.split(n), lse.split(n), grad_out.float().split(n)):
             with amp:
                 logits = F.linear(hc, weight, bias).float()                  # recomputed, (C, V)
-            grad_logits = logits.sub_(lse[s:e, None]).exp_().mul_(-g[:, None])  # -g * softmax, in place
-            grad_logits.scatter_add_(1, targets[s:e, None], g[:, None])      # + g * onehot(target)
+            grad_logits = logits.sub_(lc[:, None]).exp_().mul_(-g[:, None])   # -g * softmax, in place
+            grad_logits.scatter_add_(1, tc[:, None], g[:, None])             # + g * onehot(target)
             if grad_b is not None:
                 grad_b += grad_logits.sum(0)
             grad_w.addmm_(grad_logits.t(), hc.float())
             with amp:
-                grad_h[s:e] = (grad_logits.to(weight.dtype) @ weight).to(h.dtype)
-        return grad_h, grad_w.to(weight.dtype), None if bias is None else grad_b.to(bias.dtype), None, None
+                grad_h.append((grad_logits.to(weight.dtype) @ weight).to(h.dtype))
+        return torch.cat(grad_h), grad_w.to(weight.dtype), None if bias is None else grad_b.to(bias.dtype), None, None
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -689,17 +665,20 @@ _HF_FIELDS = {
             ("mlp_bias", "enable_bias", True), ("attn_bias", "enable_bias", True),
             ("tie_embeddings", "tie_word_embeddings", True)),
 }
-# per family: HF architecture, the config.json key of the activation and its default, the flags it fixes
+# HF activation names -> our mlp_kind: Llama's and Mistral's gated MLP, Phi's and OPT's ungated fc2(act(fc1 x))
+_GATED_ACT = {"silu": "swiglu", "swish": "swiglu"}
+_UNGATED_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                "relu": "relu"}
+# per family: HF architecture, the config.json key of the activation and its default, the activations it may
+# name, the flags it fixes
 _HF_FAMILY = {
-    "llama": ("LlamaForCausalLM", "hidden_act", "silu", dict(norm="rmsnorm")),
-    "mistral": ("MistralForCausalLM", "hidden_act", "silu", dict(norm="rmsnorm")),
-    "phi": ("PhiForCausalLM", "hidden_act", "gelu_new",
+    "llama": ("LlamaForCausalLM", "hidden_act", "silu", _GATED_ACT, dict(norm="rmsnorm")),
+    "mistral": ("MistralForCausalLM", "hidden_act", "silu", _GATED_ACT, dict(norm="rmsnorm")),
+    "phi": ("PhiForCausalLM", "hidden_act", "gelu_new", _UNGATED_ACT,
             dict(norm="layernorm", parallel_residual=True, attn_bias=True, mlp_bias=True, lm_head_bias=True)),
-    "opt": ("OPTForCausalLM", "activation_function", "relu", dict(norm="layernorm", norm_eps=1e-5,
-                                                                   positions="learned")),
+    "opt": ("OPTForCausalLM", "activation_function", "relu", _UNGATED_ACT,
+            dict(norm="layernorm", norm_eps=1e-5, positions="learned")),
 }
-_HF_ACT = {"silu": "swiglu", "swish": "swiglu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-           "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -715,15 +694,13 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if missing:
         raise ModelConfigError(f"config.json (model_type {family!r}) has no {missing[0]!r}")
     kw = {ours: hf.get(key, default) for ours, key, default in fields}
-    _, act_key, act_default, fixed = _HF_FAMILY[family]
+    _, act_key, act_default, acts, fixed = _HF_FAMILY[family]
     act = hf.get(act_key) or act_default
-    if act not in _HF_ACT:
-        raise ModelConfigError(f"config.json {act_key}={act!r} is not supported; use one of {sorted(_HF_ACT)}")
-    gated = family in ("llama", "mistral")     # Phi's and OPT's MLPs have no gate: fc2(silu(fc1 x)) is not SwiGLU
-    if (_HF_ACT[act] == "swiglu") != gated:
-        why = "only silu (SwiGLU) is supported" if gated else "an ungated SiLU MLP is not supported"
-        raise ModelConfigError(f"{family} config.json {act_key}={hf.get(act_key)!r}: {why}")
-    kw.update(fixed, mlp_kind=_HF_ACT[act])
+    if act not in acts:
+        ungated_silu = " (an ungated SiLU MLP is not supported)" if act in _GATED_ACT else ""
+        raise ModelConfigError(f"{family} config.json {act_key}={act!r} is not supported; use one of "
+                               f"{sorted(acts)}{ungated_silu}")
+    kw.update(fixed, mlp_kind=acts[act])
     if family == "opt":   # post-LN OPT has no final norm, and a pre-LN one may have dropped it
         kw["final_norm"] = kw["pre_norm"] and not hf.get("_remove_final_layer_norm", False)
     else:
@@ -733,34 +710,30 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 def _read_rope(hf: dict, default_fraction: float) -> dict:
     """theta, rotary fraction and scaling from either config layout."""
-    params = dict(hf.get("rope_parameters") or {})     # transformers 5
-    scaling = hf.get("rope_scaling") or params          # old layout keeps scaling separate
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))   # older configs say "type"
-    if rope_type != "default" and rope_type not in _ROPE_SCALING_KEYS:
+    params = hf.get("rope_parameters") or {}                       # transformers 5
+    scaling = dict(hf.get("rope_scaling") or params)               # the old layout keeps scaling separate
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))   # older configs say "type"
+    keys = _ROPE_SCALING_KEYS.get(rope_type, ())
+    if rope_type != "default" and not keys:
         raise ModelConfigError(f"config.json asks for rope scaling type {rope_type!r}; implemented: "
                                f"{['default', *_ROPE_SCALING_KEYS]}")
-    rope_scaling = None
-    if rope_type != "default":
-        scaling = dict(scaling)
-        if rope_type == "llama3":   # as transformers: a top-level value wins, then the dict's, then the model's max
-            scaling["original_max_position_embeddings"] = (hf.get("original_max_position_embeddings")
-                                                           or scaling.get("original_max_position_embeddings")
-                                                           or hf.get("max_position_embeddings", 2048))
-        keys = _ROPE_SCALING_KEYS[rope_type]
-        missing = [k for k in keys if scaling.get(k) is None]
-        if missing:
-            raise ModelConfigError(f"config.json rope scaling type {rope_type!r} has no {missing}")
-        rope_scaling = {"rope_type": rope_type,   # lengths are ints, factors floats
-                        **{k: (int if k.startswith("original") else float)(scaling[k]) for k in keys}}
+    if rope_type == "llama3":   # as transformers: a top-level value wins, then the dict's, then the model's max
+        scaling["original_max_position_embeddings"] = (hf.get("original_max_position_embeddings")
+                                                       or scaling.get("original_max_position_embeddings")
+                                                       or hf.get("max_position_embeddings", 2048))
+    missing = [k for k in keys if scaling.get(k) is None]
+    if missing:
+        raise ModelConfigError(f"config.json rope scaling type {rope_type!r} has no {missing}")
+    scaling = {k: (int if k.startswith("original") else float)(scaling[k]) for k in keys}   # lengths int, factors float
     return dict(rope_theta=float(params.get("rope_theta", hf.get("rope_theta") or 10000.0)),
                 rotary_fraction=float(params.get("partial_rotary_factor",
                                                  hf.get("partial_rotary_factor") or default_fraction)),
-                rope_scaling=rope_scaling)
+                rope_scaling={"rope_type": rope_type, **scaling} if keys else None)
 
 
 def config_to_hf(c: ModelConfig) -> dict:
     """ModelConfig -> a config.json dict that transformers 5 AutoModelForCausalLM loads."""
-    arch, act_key, _, _ = _HF_FAMILY[c.family]
+    arch, act_key, *_ = _HF_FAMILY[c.family]
     hf = {"architectures": [arch], "model_type": c.family,
           **{key: getattr(c, ours) for ours, key, _ in _HF_COMMON + _HF_FIELDS[c.family]},
           act_key: {"swiglu": "silu", "gelu_tanh": "gelu_new"}.get(c.mlp_kind, c.mlp_kind)}
@@ -866,7 +839,7 @@ def _safetensors_pr(repo_id: str) -> str | None:
     Only the bot's PR is trusted, and only when its parent is the current main, so that it can add nothing but the
     converted files. Offline or with the Hub unreachable: a refs/pr/N with safetensors in the local HF cache."""
     import huggingface_hub
-    from huggingface_hub import HfApi, get_repo_discussions, scan_cache_dir
+    from huggingface_hub import HfApi, get_repo_discussions
     if not huggingface_hub.constants.HF_HUB_OFFLINE:
         try:
             api = HfApi()
@@ -880,15 +853,11 @@ def _safetensors_pr(repo_id: str) -> str | None:
             return None
         except Exception:   # unreachable Hub, rate limits: the HTTP client's errors are not all OSErrors
             pass
-    try:
-        repos = scan_cache_dir(huggingface_hub.constants.HF_HUB_CACHE).repos
-    except Exception:   # no cache yet, or a corrupted one
-        return None
-    for rev in (rev for repo in repos if repo.repo_id == repo_id and repo.repo_type == "model"
-                for rev in repo.revisions):
-        prs = sorted(r for r in rev.refs if r.startswith("refs/pr/"))
-        if prs and any(f.file_name.endswith(".safetensors") for f in rev.files):
-            return prs[0]
+    # the cache's layout: models--owner--name/refs/refs/pr/N holds the commit of snapshots/<commit>/
+    cached = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    for ref in sorted((cached / "refs" / "refs" / "pr").glob("*")):
+        if any((cached / "snapshots" / ref.read_text().strip()).glob("*.safetensors")):
+            return f"refs/pr/{ref.name}"
     return None
 
 
@@ -950,17 +919,6 @@ def _checkpoint_files(ckpt_dir: Path) -> list[Path]:
     return files
 
 
-@contextlib.contextmanager
-def _open_safetensors(file: Path):
-    """safe_open, with an unreadable file (truncated, not safetensors) reported as a CheckpointError."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(file, framework="pt") as f:
-            yield f
-    except SafetensorError as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e}): a truncated download?") from None
-
-
 def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (our parameter name, tensor) from a (possibly sharded) HF safetensors checkpoint, one
     tensor at a time. Everything is validated from the safetensors headers before the first tensor
@@ -968,26 +926,28 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple
     ckpt_dir = Path(ckpt_dir)
     expected = expected_params(config)
     to_ours = {hf_name(n, config.family): n for n in expected}
-    plan, unexpected, tied_head = [], [], None         # plan: (file, key, our name, shape in the file)
+    plan, unexpected, tied_head = {}, [], None         # plan: our name -> (file, key, shape in the file)
     for file in _checkpoint_files(ckpt_dir):
-        with _open_safetensors(file) as f:
-            for key in f.keys():
-                # some checkpoints (old OPT exports) omit the base model's "model." prefix
-                hf_key = key if key in to_ours or "model." + key not in to_ours else "model." + key
-                shape = tuple(f.get_slice(key).get_shape())
-                if config.tie_embeddings and hf_key == "lm_head.weight":
-                    # a tied checkpoint's copy of the embedding: dropped (as HF does), unless a conversion that
-                    # kept one name per shared tensor kept the tied matrix under this name only
-                    tied_head = (file, key, "tok_embeddings.weight", shape)
-                elif hf_key in to_ours:
-                    plan.append((file, key, to_ours[hf_key], shape))
-                elif not hf_key.endswith("rotary_emb.inv_freq"):   # a constant that old Llama exports saved
-                    unexpected.append(key)
-    if tied_head and "tok_embeddings.weight" not in {ours for _, _, ours, _ in plan}:
-        plan.append(tied_head)
-    loaded = {ours for _, _, ours, _ in plan}
-    missing = [hf for hf, ours in to_ours.items() if ours not in loaded]
-    bad_shape = [f"{key} {shape} (expected {expected[ours]})" for _, key, ours, shape in plan
+        try:
+            with safe_open(file, framework="pt") as f:
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except SafetensorError as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e}): a truncated download?") from None
+        for key, shape in shapes.items():
+            # some checkpoints (old OPT exports) omit the base model's "model." prefix
+            hf_key = key if key in to_ours or "model." + key not in to_ours else "model." + key
+            if config.tie_embeddings and hf_key == "lm_head.weight":
+                # a tied checkpoint's copy of the embedding: dropped (as HF does), unless a conversion that
+                # kept one name per shared tensor kept the tied matrix under this name only
+                tied_head = (file, key, shape)
+            elif hf_key in to_ours:
+                plan[to_ours[hf_key]] = (file, key, shape)
+            elif not hf_key.endswith("rotary_emb.inv_freq"):   # a constant that old Llama exports saved
+                unexpected.append(key)
+    if tied_head:
+        plan.setdefault("tok_embeddings.weight", tied_head)
+    missing = [hf for hf, ours in to_ours.items() if ours not in plan]
+    bad_shape = [f"{key} {shape} (expected {expected[ours]})" for ours, (_, key, shape) in plan.items()
                  if shape != expected[ours]]
     problems = [f"{what} {len(names)}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
                 for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape))
@@ -995,10 +955,9 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple
     if problems:
         raise CheckpointError(f"checkpoint {ckpt_dir} does not fit its config ({config.family}): "
                               + "; ".join(problems))
-    for file in dict.fromkeys(p[0] for p in plan):
-        with _open_safetensors(file) as f:
-            for _, key, ours, _ in (p for p in plan if p[0] == file):
-                yield ours, f.get_tensor(key)
+    for file in dict.fromkeys(file for file, _, _ in plan.values()):
+        with safe_open(file, framework="pt") as f:
+            yield from ((ours, f.get_tensor(key)) for ours, (in_file, key, _) in plan.items() if in_file == file)
 
 
 def plain_name(name: str) -> str:
@@ -1012,31 +971,25 @@ def save_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig,
                        max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write config.json and HF-named safetensors; more than one file (plus model.safetensors.index.json)
     when the weights exceed max_shard_bytes. A tied lm_head is not written, as HF does."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     expected = expected_params(config)
     tensors = {}
     for name, t in state_dict.items():
         name = plain_name(name)
-        if config.tie_embeddings and name == "lm_head.weight":
-            continue
-        if name not in expected:
+        if name in expected:
+            tensors[hf_name(name, config.family)] = t.detach().contiguous()
+        elif not (config.tie_embeddings and name == "lm_head.weight"):
             raise CheckpointError(f"state dict has {name!r}, which a {config.family} model with this config "
                                   f"does not have")
-        tensors[hf_name(name, config.family)] = t.detach().contiguous()
     missing = [n for n in expected if hf_name(n, config.family) not in tensors]
     if missing:
         raise CheckpointError(f"state dict is missing {len(missing)} parameter(s), e.g. {missing[:4]}")
-    shards, size = [{}], 0
+    shards = [{}]   # in order, a new shard when the next tensor would take this one past max_shard_bytes
     for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and sum(s.nbytes for s in shards[-1].values()) + t.nbytes > max_shard_bytes:
             shards.append({})
-            size = 0
         shards[-1][key] = t
-        size += nbytes
     for old in list(out_dir.glob("*.safetensors")) + [out_dir / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)   # stale shards from an earlier save would be loaded too
     n = len(shards)
@@ -1045,9 +998,8 @@ def save_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig,
         save_file(shard, out_dir / fname, metadata={"format": "pt"})
     if n > 1:
         weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (out_dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, indent=2))
     hf = config_to_hf(config)
     hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
