@@ -1,21 +1,9 @@
 """Preference data for ORPO: parquet pairs -> tokenized, masked, padding-free batches.
 
-The pipeline, top to bottom of this file:
-
     parquet rows --read_rows--> Conversation (shared history, chosen answer, rejected answer)
                  --render-----> text: prompt, chosen response, rejected response (chat template or raw)
                  --tokenize---> TokenizedPair(prompt_ids, chosen_ids, rejected_ids), filtered and truncated
                  --PairBatcher/pack_pairs--> PackedBatch: one flat token stream, no padding
-
-Four row layouts are understood (column names can be overridden, see `build_pairs(columns=...)`):
-  (a) "pairs"     prompt, chosen, rejected: strings.
-  (b) "messages"  UltraFeedback-binarized: chosen and rejected are lists of {role, content}; the last message
-                  is the answer, the earlier ones are the shared history (which must agree between the two).
-  (c) "hh"        Anthropic HH-RLHF: chosen and rejected are whole transcripts "\\n\\nHuman: ... \\n\\nAssistant: ...";
-                  the prompt is their common text up to the last "\\n\\nAssistant:" it contains.
-  (d) "sharegpt"  LLaMA-Factory: conversations [{from, value}], chosen and rejected {from, value}.
-Templates (see resolve_template): the tokenizer's chat template, Zephyr's, a .jinja file, or raw text (HH-RLHF's
-default: its transcripts already are the format the paper trained base models on).
 
 Tokenization rule (the source of many preference-training bugs): the chosen sequence is the tokenization of the
 full text prompt+chosen, never two separate tokenizations joined, because tokens can merge across the boundary.
@@ -26,7 +14,7 @@ Chosen and rejected use the same cut, so they share one prompt.
 Paper filters (section 5.1, Appendix C): a pair is dropped when chosen == rejected, when either answer is empty,
 or when the prompt is longer than max_prompt_length; then each response is cut to fit max_length (the prompt
 never is), and a pair whose answers become identical by that cut is dropped too. Every drop, truncation and
-boundary merge is counted in PairSet.stats. `python data.py --help` shows the command line.
+boundary merge is counted in PairSet.stats.
 """
 import argparse
 import datetime
@@ -198,23 +186,19 @@ def _byte_level_bpe(vocab_json, merges_txt, config):
     wanted = sorted((int(i), v) for i, v in (config.get("added_tokens_decoder") or {}).items())
     wanted += [(None, config[k]) for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                                            "cls_token", "mask_token") if config.get(k) is not None]
-    for key in ("additional_special_tokens", "extra_special_tokens"):
-        extra = config.get(key) or []
+    for extra in (config.get("additional_special_tokens") or [], config.get("extra_special_tokens") or []):
         wanted += [(None, v) for v in (extra.values() if isinstance(extra, dict) else extra)]
-    seen = set()
+    specs = {}                                          # content -> (id the config gives or None, spec)
     for expected_id, value in wanted:
         spec = value if isinstance(value, dict) else {"content": str(value)}
-        if spec["content"] in seen:
-            continue
-        seen.add(spec["content"])
+        specs.setdefault(spec["content"], (expected_id, spec))
+    for content, (expected_id, spec) in specs.items():
         flags = {k: bool(spec[k]) for k in ("single_word", "lstrip", "rstrip", "normalized") if k in spec}
-        tokenizer.add_tokens([AddedToken(spec["content"], special=bool(spec.get("special", True)), **flags)])
-        got = tokenizer.token_to_id(spec["content"])
-        if expected_id is not None and got != expected_id:
-            raise DataError(f"tokenizer_config.json gives added token {spec['content']!r} id {expected_id}, "
-                            f"but vocab.json + merges.txt give it id {got}")
-    bos = _token_str(config.get("bos_token")) if config.get("add_bos_token", False) else None
-    eos = _token_str(config.get("eos_token")) if config.get("add_eos_token", False) else None
+        tokenizer.add_tokens([AddedToken(content, special=bool(spec.get("special", True)), **flags)])
+        if expected_id is not None and tokenizer.token_to_id(content) != expected_id:
+            raise DataError(f"tokenizer_config.json gives added token {content!r} id {expected_id}, "
+                            f"but vocab.json + merges.txt give it id {tokenizer.token_to_id(content)}")
+    bos, eos = (_token_str(config.get(k)) if config.get(f"add_{k}", False) else None for k in ("bos_token", "eos_token"))
     for flag, token in (("add_bos_token", bos), ("add_eos_token", eos)):
         if token is not None and tokenizer.token_to_id(token) is None:
             raise DataError(f"tokenizer_config.json sets {flag} but {token!r} is not in the vocabulary")
@@ -256,7 +240,6 @@ ZEPHYR_TEMPLATE = (
 def _compile_template(source):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
-
     # Same environment as transformers: templates from the Hub are untrusted, hence the sandbox.
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                        extensions=["jinja2.ext.loopcontrols"])
@@ -278,8 +261,9 @@ def render_chat(template, messages, *, add_generation_prompt=False, bos_token="<
 
 
 def resolve_template(template, tok, layout):
-    """The template source for `template`, or None for raw text. "auto": raw text for HH-RLHF, else the tokenizer's
-    chat_template, or the Zephyr template that the official ORPO code sets when there is none."""
+    """The template source for `template`, or None for raw text. "auto": raw text for HH-RLHF (its transcripts already
+    are the format the paper trained base models on), else the tokenizer's chat_template, or the Zephyr template
+    that the official ORPO code sets when there is none."""
     if template == "auto":
         return None if layout == "hh" else tok.chat_template or ZEPHYR_TEMPLATE
     if template in ("raw", "zephyr"):
@@ -289,7 +273,7 @@ def resolve_template(template, tok, layout):
 
 
 # -----------------------------------------------------------------------------
-# Reading parquet: files, folders, globs or Hub datasets, one row group at a time
+# Reading parquet (files, folders, globs or Hub datasets, one row group at a time) -> Conversation -> text
 
 # How a file shows its split: by a Hub shard name <split>-00000-of-00003.parquet, or as <split>.parquet or <split>/
 # for the usual split words only (train_prefs-style variants too): en.parquet + fr.parquet, or shards/2024/ +
@@ -299,11 +283,9 @@ _SPLIT_WORD = re.compile(r"(train|training|test|testing|valid|validation|val|dev
 
 
 def resolve_files(source, split=None):
-    """The parquet files of `source`: a file, a folder, a glob, or a Hub dataset id (needs `split`).
-
-    Splits are never guessed: a Hub id needs one; a folder is read whole unless its files belong to two or more
-    splits (then a split must be given, so that test pairs cannot leak into training); a file or a glob has no
-    splits, so a split given with one is an error rather than ignored."""
+    """The parquet files of `source`: a file, a folder, a glob, or a Hub dataset id. Splits are never guessed: a Hub
+    id needs one; a folder is read whole unless its files belong to two or more splits (then a split must be given,
+    so that test pairs cannot leak into training); a file or a glob has no splits, so a split given is an error."""
     source, path = str(source), Path(source)
     is_glob = not path.exists() and any(c in source for c in "*?[")
     if split and (path.is_file() or is_glob):
@@ -344,7 +326,9 @@ ROLES = ("prompt", "chosen", "rejected", "conversations", "system")   # overrida
 
 
 def detect_layout(schema, columns, where):
-    """(layout, {role: column}) from a parquet schema; `columns` maps a role to the user's column name."""
+    """(layout, {role: column}) from a parquet schema; `columns` maps a role to the user's column name. The layouts:
+    "pairs" (prompt, chosen, rejected strings), "messages" (UltraFeedback: chosen and rejected {role, content} lists),
+    "hh" (HH-RLHF: chosen and rejected transcripts), "sharegpt" (LLaMA-Factory: conversations [{from, value}])."""
     col = {role: (columns or {}).get(role, role) for role in ROLES}
     has = {role for role in ROLES if col[role] in schema.names}
     layout = None
@@ -385,9 +369,6 @@ def read_rows(files, columns=None):
                 yield f"{f} row {row}", layout, {role: record[c] for role, c in colmap.items()}
                 row += 1
 
-
-# -----------------------------------------------------------------------------
-# Row layouts -> Conversation -> text
 
 @dataclass
 class Conversation:
@@ -439,17 +420,15 @@ def parse_row(layout, row, where, stats):
             return None
         history = history or [{"role": "user", "content": _checked(row.get("prompt"), "prompt", where)}]
         return Conversation(history, chosen["content"], rejected["content"])
-    if layout == "sharegpt":
-        turns = enumerate(_checked(row["conversations"], "conversations", where, list, "a list of turns"))
-        history = [_message(m, f"conversations[{i}]", where, "from", "value", SHAREGPT_ROLES) for i, m in turns]
-        if row.get("system"):
-            history = [{"role": "system", "content": _checked(row["system"], "system", where)}] + history
-        chosen, rejected = (_message(row[s], s, where, "from", "value", SHAREGPT_ANSWER)["content"]
-                            for s in ("chosen", "rejected"))
-        if not any(m["role"] == "user" for m in history):
-            raise DataError(f"{where}: conversations has no human turn")
-        return Conversation(history, chosen, rejected)
-    raise DataError(f"unknown layout {layout!r}; expected pairs, messages, hh or sharegpt")
+    turns = enumerate(_checked(row["conversations"], "conversations", where, list, "a list of turns"))   # sharegpt
+    history = [_message(m, f"conversations[{i}]", where, "from", "value", SHAREGPT_ROLES) for i, m in turns]
+    if row.get("system"):
+        history = [{"role": "system", "content": _checked(row["system"], "system", where)}] + history
+    chosen, rejected = (_message(row[s], s, where, "from", "value", SHAREGPT_ANSWER)["content"]
+                        for s in ("chosen", "rejected"))
+    if not any(m["role"] == "user" for m in history):
+        raise DataError(f"{where}: conversations has no human turn")
+    return Conversation(history, chosen, rejected)
 
 
 def _common_prefix(a, b):
@@ -640,45 +619,37 @@ def train_and_eval_pairs(source, split, eval_source, eval_split, eval_fraction, 
                          synthetic_pairs=2000, writer=True, barrier=None, log=print, **build_kw):
     """The training and held-out pairs of an entry point (train.py, eval_rm.py train-rm), read one way.
 
-    A source "synthetic" is data.py's synthetic set for that side, written under scratch_dir by the `writer`
-    process (under torchrun rank 0; `barrier` then lets the others read it). The eval pairs are eval_source's, or
-    with eval_split alone another split of source; else a seeded eval_fraction of source's pairs is held out
-    (none at 0). -> (train pairs, eval pairs, origin: the sources read and their stats, eval_data None when held out)"""
-    if eval_source is None and eval_split is not None:
-        eval_source = source
-    sources = {"train": source, "eval": eval_source}
-    synthetic = {"train": (f"synthetic_train_{synthetic_pairs}.parquet", synthetic_pairs, 0),   # (file, pairs, seed)
-                 "eval": ("synthetic_eval.parquet", 200, 1)}
-    for side, (name, n, synthetic_seed) in synthetic.items():
+    A source "synthetic" is data.py's synthetic set for that side, written under scratch_dir by the `writer` process
+    (under torchrun rank 0; `barrier` then lets the others read it). The eval pairs are eval_source's, or with
+    eval_split alone another split of source, else a seeded eval_fraction of the training pairs (none at 0).
+    -> (train pairs, eval pairs, origin: the sources read and their stats, eval_data None when held out)"""
+    sources = {"train": source, "eval": source if eval_source is None and eval_split is not None else eval_source}
+    for side, name, n, synthetic_seed in (("train", f"synthetic_train_{synthetic_pairs}", synthetic_pairs, 0),
+                                          ("eval", "synthetic_eval", 200, 1)):
         if sources[side] == "synthetic":
-            sources[side] = Path(scratch_dir) / name
+            sources[side] = Path(scratch_dir) / f"{name}.parquet"
             if writer and not sources[side].exists():
                 write_synthetic(sources[side], n, seed=synthetic_seed, split=side)
     if barrier is not None:
         barrier()
-
-    def read(side, source, split):          # its one-line errors say which side
-        where = f"{source}" + ("" if split is None else f" [{split}]")
+    pairs, origin = {}, dict.fromkeys(("data", "data_stats", "eval_data", "eval_data_stats"))
+    for side, src, src_split in (("train", sources["train"], split), ("eval", sources["eval"], eval_split)):
+        if side == "eval" and src is None:      # no eval data: hold out some of the training pairs
+            pairs["train"], pairs["eval"] = hold_out(pairs["train"], eval_fraction, seed)
+            if pairs["eval"]:
+                log(f"eval: held out {len(pairs['eval'])} of the training pairs (--eval-fraction {eval_fraction})")
+            break
+        where = f"{src}" + ("" if src_split is None else f" [{src_split}]")        # the one-line errors say which side
         try:
-            pairs = build_pairs(source, tok, split=split, **build_kw)
+            pairs[side] = build_pairs(src, tok, split=src_split, **build_kw)
         except (ValueError, FileNotFoundError) as e:
             raise DataError(f"{side} data: {e}") from None
-        log(f"{side}: {len(pairs)} pairs from {where} ({stats_line(pairs.stats)})")
-        if len(pairs) == 0:
-            raise DataError(f"{side} data {where}: no usable pairs after filtering ({stats_line(pairs.stats)})")
-        return pairs
-
-    train = read("train", sources["train"], split)
-    origin = {"data": str(sources["train"]), "data_stats": dict(train.stats), "eval_data": None,
-              "eval_data_stats": None}
-    if sources["eval"] is None:
-        train, evals = hold_out(train, eval_fraction, seed)
-        if evals:
-            log(f"eval: held out {len(evals)} of the training pairs (--eval-fraction {eval_fraction})")
-    else:
-        evals = read("eval", sources["eval"], eval_split)
-        origin.update(eval_data=str(sources["eval"]), eval_data_stats=dict(evals.stats))
-    return train, evals, origin
+        log(f"{side}: {len(pairs[side])} pairs from {where} ({stats_line(pairs[side].stats)})")
+        if len(pairs[side]) == 0:
+            raise DataError(f"{side} data {where}: no usable pairs after filtering ({stats_line(pairs[side].stats)})")
+        prefix = "" if side == "train" else "eval_"
+        origin.update({f"{prefix}data": str(src), f"{prefix}data_stats": dict(pairs[side].stats)})
+    return pairs["train"], pairs["eval"], origin
 
 
 def hold_out(pairs, fraction, seed):
@@ -693,26 +664,21 @@ def hold_out(pairs, fraction, seed):
 
 
 # -----------------------------------------------------------------------------
-# Packing: pairs -> one flat, padding-free token stream
+# Packing (pairs -> one flat, padding-free token stream) and batching (length-grouped, split across ranks, resumable)
 
 @dataclass
 class PackedBatch:
     """P pairs as one flat stream of N tokens in S segments, no padding; what model.py and train.py read.
 
-    Segments: seg_lens[s] = (shared_len, chosen_len, rejected_len). With shared_prompt a segment is one pair,
-    [prompt | chosen | rejected], so the prompt is computed once for both answers; without it every sequence is a
-    segment (len, 0, 0): [prompt | chosen] for each pair, then [prompt | rejected] for each. Attention: a token sees
-    the earlier tokens of its segment, but a rejected token never a chosen one; positions restart at 0 in each
-    segment, and at the prompt length for the rejected answer, so every token sees exactly what it would see in its
-    own unpacked [prompt | answer] sequence. Targets (M): hidden-state row tgt_index[m] predicts token tgt_ids[m]
-    of sequence tgt_seq[m] (0..P-1 the chosen, P..2P-1 the rejected); tgt_response marks the tokens eq. 3 averages,
-    tgt_nll those of L_SFT (chosen only). The layouts differ only in the stream, never in the targets' contexts.
-    """
+    With shared_prompt a segment is one pair, [prompt | chosen | rejected], so the prompt is computed once for both
+    answers; without it each sequence is a segment (len, 0, 0): [prompt | chosen] per pair, then [prompt | rejected].
+    A token sees the earlier tokens of its segment but a rejected token never a chosen one, and positions restart, so
+    every token (and so each of the M targets) sees exactly what it would in its own [prompt | answer] sequence."""
     input_ids: torch.Tensor      # (N,) long
     position_ids: torch.Tensor   # (N,) long; restarts per segment, rejected restarts at p
     seg_lens: torch.Tensor       # (S, 3) long, CPU: (shared_len, chosen_len, rejected_len) per segment
-    tgt_index: torch.Tensor      # (M,) row of the hidden states that predicts each target
-    tgt_ids: torch.Tensor        # (M,) target token id
+    tgt_index: torch.Tensor      # (M,) row of the hidden states that predicts target m
+    tgt_ids: torch.Tensor        # (M,) target token id (of sequence tgt_seq[m])
     tgt_seq: torch.Tensor        # (M,) 0..P-1 chosen of pair p, P..2P-1 rejected of pair p
     tgt_response: torch.Tensor   # (M,) bool: counts in eq. 3's average log-prob of its sequence
     tgt_nll: torch.Tensor        # (M,) bool: counts in L_SFT (chosen only)
@@ -720,8 +686,8 @@ class PackedBatch:
     shared_prompt: bool
 
     def to(self, device, non_blocking=False):       # seg_lens stays on the CPU
-        moved = ("input_ids", "position_ids", "tgt_index", "tgt_ids", "tgt_seq", "tgt_response", "tgt_nll")
-        return replace(self, **{k: getattr(self, k).to(device, non_blocking=non_blocking) for k in moved})
+        return replace(self, **{k: v.to(device, non_blocking=non_blocking) for k, v in vars(self).items()
+                                if isinstance(v, torch.Tensor) and k != "seg_lens"})
 
     @property
     def num_tokens(self):
@@ -766,20 +732,14 @@ def pack_pairs(pairs, shared_prompt=True, prompt_loss=True):
                        tgt_nll=column(4), n_pairs=P, shared_prompt=shared_prompt)
 
 
-# -----------------------------------------------------------------------------
-# Batching: length-grouped, deterministic, split across ranks, resumable
-
 class PairBatcher:
     """This rank's PackedBatches, one epoch per `iter()`, deterministically from (seed, epoch).
 
-    Each batch holds `batch_size` pairs, or packed pairs up to `max_tokens` tokens (a longer pair gets a batch of its
-    own). Length grouping sorts the shuffled pairs by length within groups of ~`group_batches` batches, so that a
-    token budget fills evenly; with a fixed number of pairs it would only make batches less random (one synthetic
-    task per batch), so it is 50 with max_tokens and off (1) with batch_size. Batch b goes to rank b % world_size,
-    every rank the same multiple of grad_accum batches, so that FSDP's collectives line up (the remainder is left
-    out and counted in `epoch_info()`). Resume: state_dict() is (epoch, position = micro-batches yielded) and the
-    RESUME_SETTINGS; load_state_dict() refuses other settings, under which the same position names other pairs.
-    """
+    A batch holds `batch_size` pairs, or packed pairs up to `max_tokens` tokens (a longer pair gets one of its own),
+    sorted by length within groups of `group_batches` batches so that a token budget fills evenly (default 50; 1 with
+    batch_size, where it would only make batches less random). Batch b goes to rank b % world_size, every rank the
+    same multiple of grad_accum batches, so that FSDP's collectives line up. Resume: state_dict() is (epoch, position
+    = micro-batches yielded) and the RESUME_SETTINGS, which load_state_dict() checks (other settings, other pairs)."""
     RESUME_SETTINGS = {"world_size": "world size", "seed": "seed", "batch_size": "batch size (pairs per micro-batch)",
                        "max_tokens": "max tokens per micro-batch", "grad_accum": "grad_accum",
                        "shared_prompt": "shared_prompt", "group_batches": "group_batches",
@@ -798,8 +758,7 @@ class PairBatcher:
         self.batch_size, self.max_tokens, self.shared_prompt, self.prompt_loss = (batch_size, max_tokens,
                                                                                   shared_prompt, prompt_loss)
         self.group_batches = group_batches if group_batches is not None else 50 if max_tokens is not None else 1
-        p, c, r = self.pairs.lengths.T
-        self.cost = (p + c + r) if shared_prompt else (2 * p + c + r)   # packed tokens per pair
+        self.cost = self.pairs.lengths @ [1 if shared_prompt else 2, 1, 1]   # packed tokens per pair: p (or 2p) + c + r
         self.n_pairs, self.epoch, self.position, self._plan = len(self.pairs), 0, 0, None
 
     @functools.cached_property
@@ -854,10 +813,6 @@ class PairBatcher:
             self.position += 1                            # counted before the yield: a saved state skips it
             yield pack_pairs([self.pairs[int(i)] for i in plan[self.position - 1]], self.shared_prompt, self.prompt_loss)
         self.epoch, self.position = self.epoch + 1, 0
-
-    def steps(self):
-        """One epoch as optimizer steps: lists of grad_accum micro-batches (zip of one iterator, grad_accum times)."""
-        return map(list, zip(*[iter(self)] * self.grad_accum))
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position, **{k: getattr(self, k) for k in self.RESUME_SETTINGS}}
@@ -925,8 +880,7 @@ def write_synthetic(path, n_pairs, seed=0, split=None):
             rows.append(row)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({name: [r[j] for r in rows] for j, name in enumerate(("prompt", "chosen", "rejected"))}),
-                   path)
+    pq.write_table(pa.table(dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*rows))))), path)
     return path
 
 
@@ -958,12 +912,10 @@ def synthetic_tokenizer():
 
 def stats_line(stats: dict) -> str:
     """The filter counts in one line: 'kept 2,308 of 2,312 rows; dropped: empty_response 4; truncated: ...'."""
-    parts = [f"kept {stats.get('kept', 0):,} of {stats.get('rows', 0):,} rows"]
-    for kind in ("dropped", "truncated", "note"):
-        items = [f"{k.split('/', 1)[1]} {v:,}" for k, v in sorted(stats.items()) if k.startswith(kind + "/") and v]
-        if items:
-            parts.append(f"{kind}: " + ", ".join(items))
-    return "; ".join(parts)
+    groups = [(kind, [f"{k.split('/', 1)[1]} {v:,}" for k, v in sorted(stats.items()) if k.startswith(kind + "/") and v])
+              for kind in ("dropped", "truncated", "note")]
+    return "; ".join([f"kept {stats.get('kept', 0):,} of {stats.get('rows', 0):,} rows"]
+                     + [f"{kind}: " + ", ".join(items) for kind, items in groups if items])
 
 
 def format_stats(pairs, max_length):         # what --stats prints
@@ -973,31 +925,15 @@ def format_stats(pairs, max_length):         # what --stats prints
     if len(pairs) == 0:
         return "\n".join(lines + ["no pairs kept"])
     p, c, r = pairs.lengths.T
-    q = (50, 90, 99, 100)
-    lines.append("token-length percentiles " + " ".join(f"p{x}" for x in q))
     rows = {"prompt": p, "chosen": p + c, "rejected": p + r, "chosen response": c, "rejected response": r}
-    for name, v in rows.items():
-        lines.append(f"  {name:18s} " + " ".join(f"{int(np.percentile(v, x)):>5d}" for x in q))
+    lines += ["token-length percentiles p50 p90 p99 p100"] + [f"  {name:18s} " + " ".join(
+        f"{int(np.percentile(v, q)):>5d}" for q in (50, 90, 99, 100)) for name, v in rows.items()]
     padded, unshared, shared = 2 * max_length * len(p), int((2 * p + c + r).sum()), int((p + c + r).sum())
     return "\n".join(lines + [
-        f"tokens per pair: padded to max_length {2 * max_length}, packed {unshared / len(p):.1f}, "
-        f"packed shared-prompt {shared / len(p):.1f}",
-        f"prompt share of packed tokens {2 * p.sum() / unshared:.1%}; shared-prompt packing computes "
-        f"{1 - shared / unshared:.1%} fewer tokens ({unshared / shared:.2f}x)",
-        f"a pad-to-max-length batcher (as the official code) spends {1 - unshared / padded:.1%} of its tokens on "
-        f"padding: {padded / shared:.1f}x the tokens of shared-prompt packing"])
-
-
-def format_example(tok, pair, i):
-    """One pair with its spans marked: [PROMPT ...] then each [RESPONSE ...], and the tokens at the boundary."""
-    piece = lambda ids: " ".join(repr(tok.tokenizer.id_to_token(int(t))) for t in ids)
-    out = [f"--- pair {i}: prompt {len(pair.prompt_ids)} tokens, chosen {len(pair.chosen_ids)}, "
-           f"rejected {len(pair.rejected_ids)}", f"[PROMPT]{tok.decode(pair.prompt_ids)}[/PROMPT]"]
-    for side in ("chosen", "rejected"):
-        ids = getattr(pair, f"{side}_ids")
-        out += [f"[{side.upper()}]{tok.decode(ids)}[/{side.upper()}]",
-                f"  boundary tokens: {piece(pair.prompt_ids[-3:])} | {piece(ids[:3])}"]
-    return "\n".join(out)
+        f"tokens per pair: padded to max_length {2 * max_length} (as the official code; {1 - unshared / padded:.1%} "
+        f"padding), packed {unshared / len(p):.1f}, packed shared-prompt {shared / len(p):.1f}",
+        f"prompt share of packed tokens {2 * p.sum() / unshared:.1%}: shared-prompt packing computes "
+        f"{1 - shared / unshared:.1%} fewer tokens ({unshared / shared:.2f}x), padding {padded / shared:.1f}x more"])
 
 
 def main(argv=None):
@@ -1020,8 +956,13 @@ def main(argv=None):
                             template=args.template, split=args.split, columns=parse_columns(args.columns))
         if args.stats or not args.show:
             print(format_stats(pairs, args.max_length))
-        for i in range(min(args.show, len(pairs))):
-            print(format_example(tok, pair=pairs[i], i=i))
+        piece = lambda ids: " ".join(repr(tok.tokenizer.id_to_token(int(t))) for t in ids)
+        for i, pair in enumerate(pairs[:args.show]):          # the spans marked, and the tokens at the boundary
+            print(f"--- pair {i}: prompt {len(pair.prompt_ids)} tokens, chosen {len(pair.chosen_ids)}, "
+                  f"rejected {len(pair.rejected_ids)}\n[PROMPT]{tok.decode(pair.prompt_ids)}[/PROMPT]")
+            for side, ids in (("CHOSEN", pair.chosen_ids), ("REJECTED", pair.rejected_ids)):
+                print(f"[{side}]{tok.decode(ids)}[/{side}]\n"
+                      f"  boundary tokens: {piece(pair.prompt_ids[-3:])} | {piece(ids[:3])}")
     except BrokenPipeError:          # output piped into `head`
         return 0
     except (DataError, OSError) as e:
