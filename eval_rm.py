@@ -56,8 +56,7 @@ def one_line(flag, fn, *args, why="", **kwargs):
 
 
 class RewardModel(nn.Module):
-    """r(x, y): a Transformer backbone and a scalar head read at the last token of each sequence, the only one
-    that has seen the whole prompt and answer (attention is causal); as in OpenAI's and TRL's reward models."""
+    """r(x, y): a Transformer and a scalar head on the last token, the only one that saw all of prompt and answer."""
 
     def __init__(self, backbone):
         super().__init__()
@@ -77,9 +76,8 @@ class RewardModel(nn.Module):
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards):
-    """eq. 11: -log sigmoid(r(x, y_w) - r(x, y_l)), averaged over pairs. (P,), (P,) -> (loss, metrics).
-    F.logsigmoid stays finite for any margin; log(sigmoid(m)) would give -inf once sigmoid underflows.
-    accuracy counts a tie as half a win, like the win rate, so an untrained (all-zero) RM scores 0.5."""
+    """eq. 11: -log sigmoid(r(x, y_w) - r(x, y_l)), the mean over pairs (logsigmoid: finite for any margin).
+    (P,), (P,) -> (loss, metrics); accuracy counts a tie as half, like the win rate: an all-zero RM scores 0.5."""
     margin = chosen_rewards.float() - rejected_rewards.float()                   # (P,)
     loss = -F.logsigmoid(margin).mean()
     accuracy = (margin > 0).float().mean() + 0.5 * (margin == 0).float().mean()
@@ -87,9 +85,8 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards):
 
 
 def last_token_rows(batch):
-    """Rows of the last chosen and the last rejected token of each pair of a PackedBatch. -> (P,), (P,)
-    Shared-prompt segments are [prompt | chosen | rejected], and rejected tokens never see chosen ones; unshared,
-    [prompt | chosen] for every pair, then [prompt | rejected] for every pair (data.PackedBatch)."""
+    """Rows of each pair's last chosen and last rejected token in a PackedBatch: segments [prompt | chosen | rejected]
+    (shared prompt), else [prompt | chosen] for every pair, then [prompt | rejected] for every pair. -> (P,), (P,)"""
     seg_lens, P = batch.seg_lens.to(torch.long), batch.n_pairs                   # (S, 3) on CPU
     ends = torch.cumsum(seg_lens.sum(1), 0) - 1                                   # (S,) last row of each segment
     if batch.shared_prompt:
@@ -102,8 +99,7 @@ def last_token_rows(batch):
 
 
 def build_reward_model(init, *, seed=42, device="cpu"):
-    """A fresh RM on a checkpoint dir, Hub id or preset (a weightless one from `seed`: 42 is train.py's default).
-    As in train.py: built on the meta device, sharded under torchrun, materialised, filled tensor by tensor."""
+    """A fresh RM on a checkpoint dir, Hub id or preset (weightless: from `seed`), built on the meta device."""
     config, ckpt_dir = model_lib.resolve_model(str(init))
     with torch.device("meta"):
         rm = RewardModel(model_lib.Transformer(config))
@@ -123,8 +119,7 @@ def build_reward_model(init, *, seed=42, device="cpu"):
 
 
 def save_reward_model(rm, out_dir, *, tokenizer=None, meta=None, state_dict=None):
-    """HF-format backbone + reward_head/head.safetensors + reward_model.json (+ the tokenizer). state_dict: the
-    full (gathered) state dict of an FSDP-sharded `rm`; rm's own otherwise."""
+    """HF-format backbone + HEAD_FILE + META_FILE (+ the tokenizer); state_dict: a sharded `rm`'s gathered one."""
     out_dir = Path(out_dir)
     sd = state_dict if state_dict is not None else rm.state_dict()
     backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
@@ -167,9 +162,8 @@ def batch_rewards(rm, batch, device):
 def train_reward_model(train_pairs, *, init="tiny", val_pairs=None, out_dir=None, tokenizer=None, max_steps=300,
                        batch_size=32, lr=1e-3, warmup_steps=20, seed=0, init_seed=42, shared_prompt=False,
                        device="cpu", log_every=50, meta=None):
-    """Eq. 11 on data.py TokenizedPairs with AdamW and train.py's schedule (dist.lr_lambda: linear warmup from 0,
-    cosine to 0), sharded under torchrun; the accuracy on val_pairs; saved to out_dir. -> (rm, result)
-    shared_prompt packs a pair as one [prompt | chosen | rejected] segment: the same rewards, the prompt read once."""
+    """Eq. 11 with AdamW and dist.lr_lambda's cosine schedule, sharded under torchrun; the accuracy on val_pairs;
+    saved to out_dir. shared_prompt packs [prompt | chosen | rejected]: same rewards, the prompt read once."""
     _, rank, _, world_size = dist.get_dist_info()
     rm = build_reward_model(init, seed=init_seed, device=device).train()
     optimizer = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -188,12 +182,10 @@ def train_reward_model(train_pairs, *, init="tiny", val_pairs=None, out_dir=None
         torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        window.update({k: float(metrics[k]) * batch.n_pairs for k in ("loss", "accuracy", "margin")})
-        window["pairs"] += batch.n_pairs
+        window.update({k: float(v) * batch.n_pairs for k, v in metrics.items()}, pairs=batch.n_pairs)
         if step % log_every == 0 or step == max_steps:
             # one batch is a noisy estimate: log the mean over the window, over all ranks
-            pairs = window.pop("pairs")
-            logged = dist.all_reduce_metrics({k: v / pairs for k, v in window.items()}, pairs, device)
+            logged = dist.all_reduce_metrics({k: window[k] / window["pairs"] for k in metrics}, window["pairs"], device)
             dist.print0(f"rm step {step:4d}/{max_steps} | loss {logged['loss']:.4f} | acc {logged['accuracy']:.3f} "
                         f"| margin {logged['margin']:+.3f} | lr {step_lr:.2e} | {time.time() - t0:.1f}s")
             window = Counter()
@@ -266,8 +258,7 @@ def sample_answers(policy, prompts, *, seed, batch_size=32, max_new_tokens=64, t
 
 @torch.no_grad()
 def score(rm, sequences, *, max_tokens=8192, device="cpu", desc=None):
-    """RM rewards of prompt + answer token lists, by an unsharded RM on every rank. -> (len(sequences),) float64.
-    Identical sequences are scored once, so identical answers tie exactly (else they could differ in the last bits)."""
+    """RM rewards (float64) of token lists, on every rank; repeated sequences are scored once, so they tie exactly."""
     if any(len(s) == 0 for s in sequences):
         raise EvalError("cannot score an empty sequence")
     batches, n_tokens = [], 0
@@ -301,9 +292,8 @@ def load_policy(spec, device, init_seed=42, dtype=torch.float32):
 
 
 def load_prompts(source, tokenizer, *, n_prompts=None, template="auto", split=None, max_prompt_length=1024):
-    """The first n_prompts usable prompts of preference data (any data.py layout), rendered as training renders
-    them, each {"text": its last user message (what the oracle reads), "ids", ...}. -> (prompts, stats)
-    Rows data.py drops and prompts over max_prompt_length tokens are skipped and counted in stats."""
+    """The first n_prompts usable prompts of preference data, rendered as training renders them, each {"text": its
+    last user message (the oracle reads it), "ids", ...}; rows skipped are counted in stats. -> (prompts, stats)"""
     stats, prompts = Counter(), []
     for where, layout, row in data.read_rows(data.resolve_files(source, split)):
         if n_prompts is not None and len(prompts) >= n_prompts:
@@ -336,9 +326,8 @@ def prompts_line(source, prompts, stats):
 
 
 def scoring_sequences(tokenizer, prompts, answers, stats):
-    """[(prompt index, answer text)] -> prompt + answer token ids, rendered and tokenized exactly as data.py
-    builds a training sequence. Scoring the raw sampled ids instead would put the RM's read-out on another
-    last token (e.g. EOS instead of the newline Zephyr's template writes after it) than it was trained on."""
+    """[(prompt index, answer text)] -> ids rendered exactly as data.py builds a training sequence: the raw sampled
+    ids would put the RM's read-out on another last token (EOS, not the newline Zephyr writes after it)."""
     texts = []
     for i, text in answers:
         conv = prompts[i]["conversation"]
@@ -352,9 +341,8 @@ def scoring_sequences(tokenizer, prompts, answers, stats):
 def evaluate_policies(rm, policies, prompts, *, tokenizer, policy_toks=None, rounds=3, seed=0, temperature=1.0,
                       top_p=1.0, max_new_tokens=64, batch_size=32, oracle=None, init_seed=42, dtype=torch.float32,
                       device="cpu"):
-    """Sample every policy {name: checkpoint dir, Hub id or preset} on every prompt for `rounds` rounds (each with
-    its own tokenizer and chat template, one model in memory at a time, seeded from (seed, r, name)), score with
-    the RM, compare every pair. -> win_rates' report plus "rewards", "samples" and "settings"."""
+    """Sample every policy {name: dir, Hub id or preset} on every prompt, `rounds` times (one model in memory at a
+    time), score with the RM, compare every pair. -> win_rates' report + "rewards", "samples", "settings"."""
     names, n, render_stats = list(policies), len(prompts), Counter()
     toks = policy_toks if policy_toks is not None else policy_tokenizers(policies, tokenizer)
     answers, texts, out_of_vocab = {}, {}, {}    # name -> [round][prompt] ids, [round][prompt] texts, a count
@@ -412,14 +400,13 @@ def pairwise_win_rate(a, b):
 def mean_std(values):
     """Mean and sample standard deviation (ddof=1, 0 for a single round) of per-round values."""
     values = np.asarray(values, dtype=np.float64)
-    std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    return {"mean": float(values.mean()), "std": std, "per_round": [float(v) for v in values]}
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "per_round": [float(v) for v in values]}
 
 
 def win_rates(rewards, correct=None):
-    """RM win rates of every ordered pair of policies from {policy: (R, n) rewards} (round r, prompt i); with the
-    oracle's {policy: (R, n) bool} also its win rates and the RM's agreement: on the prompts where exactly one
-    answer is correct, how often the RM prefers it (a tie counts half). -> {"rm": {a: {b: mean_std}}, ...}"""
+    """RM win rates of every ordered pair from {policy: (R, n) rewards}; with the oracle's {policy: (R, n) bool} its
+    win rates and the RM's agreement: where exactly one answer is correct, how often the RM prefers it (ties half)."""
     result = {"rm": {}, "policies": {}, **({} if correct is None else {"oracle": {}, "agreement": {}})}
     for a, ra in rewards.items():
         ra, others = np.asarray(ra), [b for b in rewards if b != a]
@@ -461,11 +448,9 @@ def summary_text(report):
         blocks += [["Oracle win rate of row vs column (synthetic data)", *table(report["oracle"])],
                    ["RM agrees with the oracle, on answer pairs where exactly one is correct: "
                     + ("; ".join(agree) if agree else "no such pair")]]
-    lines = []
-    for name, p in report["policies"].items():
-        lines.append(f"{name}: mean reward {p['mean_reward']:+.3f} (std {p['std_reward']:.3f})")
-        if "oracle_accuracy" in p:
-            lines[-1] += f", oracle accuracy {p['oracle_accuracy']['mean']:.3f} ± {p['oracle_accuracy']['std']:.3f}"
+    accuracy = lambda p: f", oracle accuracy {p['oracle_accuracy']['mean']:.3f} ± {p['oracle_accuracy']['std']:.3f}"
+    lines = [f"{name}: mean reward {p['mean_reward']:+.3f} (std {p['std_reward']:.3f})"
+             + (accuracy(p) if "oracle_accuracy" in p else "") for name, p in report["policies"].items()]
     return "\n\n".join("\n".join(block) for block in blocks + [lines])
 
 
@@ -516,14 +501,12 @@ def weightless_config(spec):
 
 
 def model_tokenizer(where, spec, given_flag, given, remedy):
-    """How model `spec` reads text: the tokenizer a flag gave, else the one saved with its checkpoint (tokenizer.json,
-    or GPT-2-style vocab.json + merges.txt as OPT has); None for a weightless preset, which has none of its own."""
+    """How model `spec` reads text: the flag's tokenizer, else its checkpoint's own; None for a weightless preset."""
     if given:
         return one_line(given_flag, data.load_tokenizer, given)
     if weightless_config(spec) is not None:
         return None
-    ckpt_dir = one_line(where, model_lib.resolve_checkpoint, spec)
-    return one_line(where, data.load_tokenizer, ckpt_dir,
+    return one_line(where, data.load_tokenizer, one_line(where, model_lib.resolve_checkpoint, spec),
                     why=f"; without it, how this model reads text is unknown: {remedy}")
 
 
@@ -539,9 +522,8 @@ def policy_tokenizers(policies, rm_tok, given=None):
     toks = {}
     for name, spec in policies.items():
         where = f"--policy {name}={spec}"
-        toks[name] = model_tokenizer(where, spec, f"--policy-tokenizer {name}", (given or {}).get(name),
-                                     f"save the policy's tokenizer there (train.py does), "
-                                     f"or pass --policy-tokenizer {name}=TOKENIZER")
+        remedy = f"save the policy's tokenizer there (train.py does), or pass --policy-tokenizer {name}=TOKENIZER"
+        toks[name] = model_tokenizer(where, spec, f"--policy-tokenizer {name}", (given or {}).get(name), remedy)
         if toks[name] is None:
             check_vocab(where, weightless_config(spec), rm_tok, "the RM's tokenizer",
                         "give a checkpoint that has its own tokenizer")
@@ -554,8 +536,7 @@ def policy_tokenizers(policies, rm_tok, given=None):
 
 
 def parse_policies(args):
-    """--policy NAME=DIR (two or more) and --policy-tokenizer NAME=TOKENIZER, as spelt; what they name is checked
-    later (policy_tokenizers), still before any model is loaded. -> ({name: dir}, {name: tokenizer})"""
+    """--policy NAME=DIR (two or more) and --policy-tokenizer NAME=TOKENIZER, as spelt. -> ({name: dir}, {name: tok})"""
     policies, given = {}, {}
     for flag, specs, into, example in (("--policy", args.policy, policies, "NAME=DIR, e.g. --policy orpo=out/final"),
                                        ("--policy-tokenizer", args.policy_tokenizer, given,
@@ -581,7 +562,7 @@ def parse_policies(args):
 def check_args(args):
     """Every flag value checked once, before any data is read or model loaded (the demo's, once it built them)."""
     if args.command == "demo":
-        return
+        return args
     one_line("--template", data.check_template, args.template)
     if args.command == "winrate":
         one_line("--temperature/--top-p", model_lib.check_sampling, args.temperature, args.top_p)
@@ -604,17 +585,17 @@ def check_args(args):
     for flag, ok, requirement in [(f, value(f) >= 1, "at least 1") for f in at_least_1] + rules:
         if not ok:                               # `not ok` also catches nan, for which every comparison is False
             raise EvalError(f"{flag} must be {requirement}, got {value(flag)}")
+    return args
 
 
 def cmd_train_rm(args, device):
     """train-rm: its tokenizer (against --init's vocabulary), the pairs and held-out pairs, eq. 11, the saved RM."""
     config, _ = one_line(f"--init {args.init}", model_lib.resolve_model, args.init)
     tok = model_tokenizer(f"--init {args.init}", args.init, "--tokenizer", args.tokenizer, "pass --tokenizer")
-    if tok is None and args.data == "synthetic":
-        tok = data.synthetic_tokenizer()
-    elif tok is None:
+    if tok is None and args.data != "synthetic":
         raise EvalError(f"--init {args.init} is a random-init preset with no tokenizer of its own, so --data "
                         f"{args.data} needs --tokenizer (a folder, a Hub id, or 'synthetic' for data.py's pairs)")
+    tok = tok or data.synthetic_tokenizer()
     check_vocab(f"--init {args.init}", config, tok, f"tokenizer {tok.name!r}",
                 "pass the tokenizer that model was trained with (--tokenizer)")
     # train.py's rule: --eval-data (or, with --eval-split alone, another split of --data) while all of --data
@@ -659,8 +640,7 @@ def cmd_winrate(args, device):
     report = evaluate_policies(rm, policies, prompts, tokenizer=rm_tok, policy_toks=policy_toks, oracle=oracle,
                                dtype=dtype, device=device, **{k: getattr(args, k) for k in same_names})
     kept = {k: meta[k] for k in ("val_accuracy", "init", "steps") if k in meta}
-    report["reward_model"] = {"dir": str(args.rm), **kept}
-    report["data"] = {"source": str(source), "stats": dict(stats)}
+    report.update(reward_model={"dir": str(args.rm), **kept}, data={"source": str(source), "stats": dict(stats)})
     if dist.is_master():
         paths = write_report(report, args.out)
         print(summary_text(report))
@@ -668,8 +648,7 @@ def cmd_winrate(args, device):
 
 
 def cmd_demo(args, device):
-    """Any train.py run, from its OUT/run.json: OUT/final against the model it started from, judged by an RM
-    trained on the run's training pairs (OUT/rm, kept); each eval_rm.py command line is printed, then run."""
+    """OUT/final of any train.py run against the model it started from (OUT/run.json), judged by an RM (OUT/rm)."""
     root = Path(args.root)
     if not (root / "run.json").is_file():
         raise EvalError(f"{root / 'run.json'} not found: run `python train.py --out {shlex.quote(str(root))}` first")
@@ -689,9 +668,7 @@ def cmd_demo(args, device):
                "--data", prompts[0], *opt("--split", prompts[1]), *common,
                *opt("--max-new-tokens", 32 if tok == "synthetic" else None),   # synthetic answers: < 10 tokens
                "--out", str(root / "winrate")]
-    parsed = [build_parser().parse_args(argv) for argv in (train_rm, winrate)]
-    for a in parsed:
-        check_args(a)
+    parsed = [check_args(build_parser().parse_args(argv)) for argv in (train_rm, winrate)]
     if args.retrain_rm or not (root / "rm" / HEAD_FILE).is_file():
         dist.print0("$ python eval_rm.py " + shlex.join(train_rm))
         cmd_train_rm(parsed[0], device)
@@ -705,8 +682,7 @@ def cmd_demo(args, device):
 
 def build_parser():
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] + " No command: the demo (on out/).",
-                                     formatter_class=fmt)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] + " No command: demo.", formatter_class=fmt)
     sub = parser.add_subparsers(dest="command")
 
     def command(name, func, summary):
