@@ -53,20 +53,16 @@ class ModelConfig:
     head_dim: int | None = None      # None = dim // n_heads
     ffn_dim: int = 11008             # MLP hidden width
     max_seq_len: int = 4096          # max_position_embeddings (size of OPT's learned position table)
-    # normalisation
     norm: str = "rmsnorm"            # rmsnorm (llama, mistral) | layernorm (opt, phi)
     norm_eps: float = 1e-5
     norm_affine: bool = True         # OPT's layer_norm_elementwise_affine
     pre_norm: bool = True            # False: post-LN, norm after each residual add (OPT-350m)
     final_norm: bool = True          # a norm after the last block (OPT post-LN has none)
     parallel_residual: bool = False  # Phi: x + attn(ln(x)) + mlp(ln(x)), one norm per block
-    # biases
     attn_bias: bool = False          # q, k, v and output projections
     mlp_bias: bool = False
     lm_head_bias: bool = False       # Phi
-    # MLP
     mlp_kind: str = "swiglu"         # swiglu: w2(silu(w1 x) * w3 x); gelu | gelu_tanh (Phi) | relu: w2(act(w1 x))
-    # positions
     positions: str = "rope"          # rope | learned (OPT; table indexed with position + 2)
     rope_theta: float = 10000.0
     rotary_fraction: float = 1.0     # Phi rotates only the first 40% of each head's dims
@@ -152,8 +148,7 @@ def make_norm(c: ModelConfig) -> nn.Module:
 
 
 def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
-    """(rotary_dim / 2,) float32 rotation speeds theta^(-2i / rotary_dim), after rope scaling. The same
-    float32 operations, in the same order, as transformers' rope init functions (equal on CPU; tested)."""
+    """(rotary_dim / 2,) float32 speeds theta^(-2i / rotary_dim), scaled, in transformers' float32 op order."""
     d = config.rotary_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
     s = config.rope_scaling
@@ -285,9 +280,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Random init: N(0, 0.02) for matrices and embeddings, zero biases, unit norms; the projections
-        that write into the residual stream (wo, w2) scaled by 1/sqrt(2 n_layers) as in GPT-2, so the
-        residual stream's variance does not grow with depth."""
+        """N(0, 0.02) matrices and embeddings, zero biases, unit norms; wo and w2, which write into the residual
+        stream, scaled by 1/sqrt(2 n_layers) as in GPT-2, so its variance does not grow with depth."""
         std = 0.02
         for name, p in self.named_parameters():
             if name.endswith("bias"):
@@ -337,8 +331,7 @@ class Transformer(nn.Module):
         if input_ids.dim() != 1 or position_ids.shape != input_ids.shape or int(seg_lens.sum()) != len(input_ids):
             raise ValueError(f"packed batch mismatch: input_ids {tuple(input_ids.shape)}, position_ids "
                              f"{tuple(position_ids.shape)}, seg_lens summing to {int(seg_lens.sum())}")
-        # the kernel follows the dtype attention computes in: float32 master weights under bf16 autocast
-        # compute in bf16, and must get the bf16 kernels
+        # the kernel follows attention's compute dtype: bf16 under bf16 autocast, even with float32 weights
         w = self.tok_embeddings.weight
         dtype = _autocast_dtype(w.device.type) or w.dtype
         layout = packed_layout(seg_lens.cpu(), position_ids, self.config.sliding_window, dtype, self.attention)
@@ -387,8 +380,7 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> Transformer:
-        """A preset name, local HF directory or Hub repo id -> model with its weights, in `dtype` on `device`.
-        The "tiny" preset (a ModelConfig, not a checkpoint) gives a randomly initialised model."""
+        """A preset, local HF directory or Hub repo id -> the model in `dtype` on `device` (tiny: random init)."""
         config, ckpt = resolve_model(name_or_path)
         if ckpt is None:
             return cls(config).to(device=device, dtype=dtype)
@@ -563,8 +555,7 @@ def _varlen_call(L: Layout, q, k, v, cu_q, cu_k, max_q, max_k):
     if L.backend == "flash":
         return _flash_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window_size=(left, 0))
     varlen_attn, params = _torch_varlen()
-    # torch >= 2.12: window_size, where (-1, 0) means causal; torch 2.10 / 2.11: a flag, and no window
-    # (pick_attention checked)
+    # torch >= 2.12: window_size, (-1, 0) = causal; torch 2.10 / 2.11: a flag, no window (pick_attention checked)
     kw = {"window_size": (left, 0)} if "window_size" in params else {"is_causal": True}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
@@ -577,8 +568,7 @@ def _varlen_call(L: Layout, q, k, v, cu_q, cu_k, max_q, max_k):
 
 def packed_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: int | None,
                   dtype: torch.dtype, requested: str | None = "auto") -> Layout:
-    """The attention layout of a packed batch, computed once per forward (not per block).
-    seg_lens (S, 3) on CPU: (shared, chosen, rejected) lengths per segment."""
+    """The attention layout of a packed batch, once per forward (not per block); seg_lens (S, 3) on CPU."""
     device = position_ids.device
     backend = pick_attention(requested, device, dtype, window)
     if backend != "sdpa":
@@ -669,8 +659,7 @@ _HF_FIELDS = {
 _GATED_ACT = {"silu": "swiglu", "swish": "swiglu"}
 _UNGATED_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                 "relu": "relu"}
-# per family: HF architecture, the config.json key of the activation and its default, the activations it may
-# name, the flags it fixes
+# per family: HF architecture, activation key, its default, the activations allowed, the flags the family fixes
 _HF_FAMILY = {
     "llama": ("LlamaForCausalLM", "hidden_act", "silu", _GATED_ACT, dict(norm="rmsnorm")),
     "mistral": ("MistralForCausalLM", "hidden_act", "silu", _GATED_ACT, dict(norm="rmsnorm")),
@@ -769,8 +758,7 @@ _HF_NAMES = {
 
 
 def hf_name(name: str, family: str) -> str:
-    """Our parameter name -> the HF checkpoint name,
-    e.g. layers.3.attn.wq.weight -> model.layers.3.self_attn.q_proj.weight (llama)."""
+    """Our parameter name -> HF's: layers.3.attn.wq.weight -> model.layers.3.self_attn.q_proj.weight (llama)."""
     prefix, top, layer = _HF_NAMES[family]
     module, _, leaf = name.rpartition(".")
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", module)
@@ -862,8 +850,7 @@ def _safetensors_pr(repo_id: str) -> str | None:
 
 
 def resolve_model(name: str) -> tuple[ModelConfig, Path | None]:
-    """(ModelConfig, checkpoint dir) of a preset, local HF dir or Hub id; a weightless preset (tiny) has no
-    checkpoint dir (None): it is randomly initialised (random_init_tensors)."""
+    """(ModelConfig, checkpoint dir) of a preset, local HF dir or Hub id; None for a weightless preset (tiny)."""
     preset = PRESETS.get(str(name))
     if isinstance(preset, ModelConfig) and not Path(str(name)).is_dir():
         return preset, None
@@ -920,9 +907,8 @@ def _checkpoint_files(ckpt_dir: Path) -> list[Path]:
 
 
 def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (our parameter name, tensor) from a (possibly sharded) HF safetensors checkpoint, one
-    tensor at a time. Everything is validated from the safetensors headers before the first tensor
-    is read: a missing, unexpected or wrongly shaped tensor raises CheckpointError naming the first few."""
+    """(our name, tensor) from a (sharded) HF safetensors checkpoint, one at a time, all checked from the headers
+    first: a missing, unexpected or wrongly shaped tensor raises CheckpointError naming the first few."""
     ckpt_dir = Path(ckpt_dir)
     expected = expected_params(config)
     to_ours = {hf_name(n, config.family): n for n in expected}
