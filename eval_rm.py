@@ -283,12 +283,7 @@ def score(rm, sequences, *, max_tokens=8192, device="cpu", desc=None):
 
 def load_policy(spec, device, init_seed=42, dtype=torch.float32):
     """A checkpoint dir / Hub id, or a weightless preset (tiny) initialised from init_seed as train.py does it."""
-    preset = weightless_config(spec)
-    if preset is None:
-        return model_lib.Transformer.from_pretrained(str(spec), dtype=dtype, device=device).eval()
-    policy = model_lib.Transformer(preset)
-    policy.load_state_dict(dict(model_lib.random_init_tensors(preset, init_seed)))
-    return policy.to(device=device, dtype=dtype).eval()
+    return model_lib.Transformer.from_pretrained(str(spec), dtype=dtype, device=device, seed=init_seed).eval()
 
 
 def load_prompts(source, tokenizer, *, n_prompts=None, template="auto", split=None, max_prompt_length=1024):
@@ -494,17 +489,11 @@ def write_report(report, out_dir):
 # Tokenizers: every model reads text with the one it was trained with, none is guessed (the RM's is saved with it)
 
 
-def weightless_config(spec):
-    """The ModelConfig of a weightless preset such as "tiny" (random init), or None for a real checkpoint."""
-    preset = model_lib.PRESETS.get(str(spec))
-    return preset if isinstance(preset, model_lib.ModelConfig) and not Path(str(spec)).is_dir() else None
-
-
 def model_tokenizer(where, spec, given_flag, given, remedy):
     """How model `spec` reads text: the flag's tokenizer, else its checkpoint's own; None for a weightless preset."""
     if given:
         return one_line(given_flag, data.load_tokenizer, given)
-    if weightless_config(spec) is not None:
+    if model_lib.weightless_preset(spec) is not None:
         return None
     return one_line(where, data.load_tokenizer, one_line(where, model_lib.resolve_checkpoint, spec),
                     why=f"; without it, how this model reads text is unknown: {remedy}")
@@ -525,7 +514,7 @@ def policy_tokenizers(policies, rm_tok, given=None):
         remedy = f"save the policy's tokenizer there (train.py does), or pass --policy-tokenizer {name}=TOKENIZER"
         toks[name] = model_tokenizer(where, spec, f"--policy-tokenizer {name}", (given or {}).get(name), remedy)
         if toks[name] is None:
-            check_vocab(where, weightless_config(spec), rm_tok, "the RM's tokenizer",
+            check_vocab(where, model_lib.weightless_preset(spec), rm_tok, "the RM's tokenizer",
                         "give a checkpoint that has its own tokenizer")
             toks[name] = rm_tok
     return toks
@@ -655,7 +644,7 @@ def cmd_demo(args, device):
     run = json.loads((root / "run.json").read_text())
     if not (root / "final" / "config.json").is_file():
         raise EvalError(f"{root / 'final'} not found: the run has not finished, or it ran with --no-export")
-    tok, weightless = run["tokenizer"], weightless_config(run["model"]) is not None
+    tok, weightless = run["tokenizer"], model_lib.weightless_preset(run["model"]) is not None
     opt = lambda flag, value: [] if value is None else [flag, str(value)]
     common = [*opt("--init-seed", run["seed"] if weightless else None), "--template", run["template"],
               "--max-prompt-length", str(run["max_prompt_length"]), "--device", args.device]

@@ -379,11 +379,15 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> Transformer:
-        """A preset, local HF directory or Hub repo id -> the model in `dtype` on `device` (tiny: random init)."""
+                        device: str | torch.device = "cpu", seed: int | None = None) -> Transformer:
+        """A preset, local HF directory or Hub repo id -> the model in `dtype` on `device`. A weightless preset
+        (tiny) is randomly initialised: from `seed` as train.py does (random_init_tensors), else from the global RNG."""
         config, ckpt = resolve_model(name_or_path)
         if ckpt is None:
-            return cls(config).to(device=device, dtype=dtype)
+            model = cls(config)
+            if seed is not None:
+                model.load_state_dict(dict(random_init_tensors(config, seed)))
+            return model.to(device=device, dtype=dtype)
         with torch.device("meta"):          # no memory, no init: the checkpoint provides every value
             model = cls(config)
         for name, tensor in iter_hf_tensors(ckpt, config):   # assign (not copy) each: one copy of the weights
@@ -849,10 +853,15 @@ def _safetensors_pr(repo_id: str) -> str | None:
     return None
 
 
+def weightless_preset(name: str) -> ModelConfig | None:
+    """The ModelConfig of a weightless preset such as "tiny" (random init), None for anything else."""
+    preset = PRESETS.get(str(name))
+    return preset if isinstance(preset, ModelConfig) and not Path(str(name)).is_dir() else None
+
+
 def resolve_model(name: str) -> tuple[ModelConfig, Path | None]:
     """(ModelConfig, checkpoint dir) of a preset, local HF dir or Hub id; None for a weightless preset (tiny)."""
-    preset = PRESETS.get(str(name))
-    if isinstance(preset, ModelConfig) and not Path(str(name)).is_dir():
+    if (preset := weightless_preset(name)) is not None:
         return preset, None
     ckpt_dir = resolve_checkpoint(name)     # clear errors: unknown name, offline and not cached
     return load_config(ckpt_dir), ckpt_dir

@@ -9,24 +9,19 @@ answer y_w and a rejected answer y_l it adds to the ordinary SFT loss a penalty 
     L_OR         = -log sigmoid(log OR(y_w, y_l))              eq. 7   -> odds_ratio_loss
     L_ORPO       = E[L_SFT + lambda * L_OR]                    eq. 6   -> orpo_loss
 
-L_SFT is the usual token-level negative log-likelihood of the *chosen* sequence only: the model is
-taught to produce y_w, and L_OR then pushes y_l's odds below y_w's. Like the official code and TRL,
-the NLL covers the prompt tokens too unless the caller masks them; that choice lives in the labels.
+L_SFT is the token-level NLL of the *chosen* sequence only (prompt tokens too unless the labels mask them, as in
+the official code and TRL): the model is taught to produce y_w, and L_OR pushes y_l's odds below y_w's.
 
-The gradient of L_OR (eqs. 8-10) is  -delta * [grad log P_w / (1 - P_w) - grad log P_l / (1 - P_l)]
-with delta = (1 + odds_w / odds_l)^-1: it fades once y_w is clearly ahead, and the 1/(1 - P) factor
-speeds it up when the model is very sure of either answer.
+The gradient of L_OR (eqs. 8-10), -delta * [grad log P_w / (1 - P_w) - grad log P_l / (1 - P_l)] with
+delta = (1 + odds_w / odds_l)^-1, fades once y_w is ahead; 1/(1 - P) speeds it up when P nears 1.
 
-Three numerical traps that public implementations fall into are avoided here:
-  * log(1 - exp(x)) cancels catastrophically as x -> 0, giving NaN or -inf: we use the two-branch
-    log1mexp (Maechler, 2012) and cap P just below 1, where the odds are infinite;
-  * log(sigmoid(x)) underflows for very negative x: we use F.logsigmoid;
-  * summing thousands of log-probs in bfloat16 loses the answer: everything here runs in float32 or
-    wider, whatever the logits' dtype.
+Three numerical traps of public implementations are avoided: log(1 - exp(x)) cancels as x -> 0 (NaN or -inf),
+so the two-branch log1mexp is used; log(sigmoid(x)) underflows, so F.logsigmoid; bf16 sums of log-probs lose
+the answer, so everything runs in float32 or wider.
 
 Two ways in: orpo_loss for one batch (eq. 3 by average_logps on padded logits), or the per-pair L_OR of
 odds_ratio_loss to weight the terms yourself, as train.py does over micro-batches and ranks (mean_logps).
-This file depends on torch alone and has no side effects: copy it into your own trainer.
+Torch only, no side effects: copy it into your own trainer.
 """
 import math
 
@@ -56,9 +51,8 @@ def average_logps(logits, labels, ignore_index=-100):
     t - 1, so the shift happens here. Positions equal to ignore_index (the prompt, padding) are skipped.
     """
     logits, labels = logits[:, :-1], labels[:, 1:]                      # (B, T-1, V), (B, T-1)
-    # cross_entropy = log_softmax + gather in one call, in float32 (bf16 log-probs would round away the
-    # differences eq. 6 is about); autograd keeps one float32 (B, V, T-1) log-softmax for the backward,
-    # which train.py's packed step avoids with a chunked lm_head (model.token_logps)
+    # log_softmax + gather in one call, in float32 (bf16 would round away the differences eq. 6 is about);
+    # autograd keeps a float32 (B, V, T-1) log-softmax, which train.py avoids with a chunked lm_head
     token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels,
                                    ignore_index=ignore_index, reduction="none")  # (B, T-1)
     keep = labels != ignore_index                                        # (B, T-1)
@@ -67,14 +61,10 @@ def average_logps(logits, labels, ignore_index=-100):
 
 
 def log1mexp(x):
-    """log(1 - exp(x)) for x <= 0, accurate everywhere and with finite gradients (Maechler, 2012).
-
-    Near 0, 1 - exp(x) cancels, so we use log(-expm1(x)); far from 0, exp(x) is tiny and log1p(-exp(x))
-    is exact. Each branch only sees inputs where it is safe, so neither can put a NaN in the gradient.
-    x is capped at -tiny, the smallest normal number, so that only P = 1 exactly (infinite odds, an infinite
-    loss) is moved: a cap at -eps (1.2e-7 in float32) would freeze log(1 - P) at -15.9 for every log P above
-    it, and with it the 1/(1 - P) factor of eqs. 8-10.
-    """
+    """log(1 - exp(x)) for x <= 0, accurate and with finite gradients (Maechler, 2012): log(-expm1(x)) near 0,
+    where 1 - exp(x) cancels, log1p(-exp(x)) far from it; each branch sees only inputs where it is safe, so
+    neither puts a NaN in the gradient. The cap at -tiny moves only P = 1 (infinite odds); a cap at -eps would
+    freeze log(1 - P) at -15.9 above log P = -1.2e-7, and with it the 1/(1 - P) factor of eqs. 8-10."""
     x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     near_zero = x > -math.log(2)
     near_branch = torch.log(-torch.expm1(torch.where(near_zero, x, -math.log(2))))
@@ -89,8 +79,7 @@ def log_odds_ratio(chosen_logps, rejected_logps):
 
 
 def odds_ratio_loss(chosen_logps, rejected_logps):
-    """eq. 7 per pair: L_OR = -logsigmoid(log OR), (B,), and per-pair metrics: detached (B,) tensors, with
-    their names in TRL's ORPOTrainer (whose beta is our lam) once averaged:
+    """eq. 7 per pair, L_OR = -logsigmoid(log OR) (B,), and detached (B,) metrics; averaged, TRL's (beta = lam):
       or_loss         L_OR                                       TRL "log_odds_ratio" is its negative
       log_odds        log OR, eq. 5                              TRL "log_odds_chosen"
       chosen_logps    log P(y_w|x), eq. 3                        TRL "logps/chosen"
@@ -110,10 +99,9 @@ def odds_ratio_loss(chosen_logps, rejected_logps):
 def orpo_loss(chosen_logps, rejected_logps, chosen_nll, lam=0.1):
     """eqs. 6-7: loss = L_SFT + lam * L_OR, averaged over the B pairs of the batch. Returns (loss, metrics).
 
-    chosen_logps, rejected_logps: (B,) average log-probs of the responses (eq. 3, see average_logps).
-    chosen_nll: L_SFT, a scalar or (B,) per-example values that are averaged.
-    lam = 0 gives plain SFT, the paper's baseline. To accumulate gradients over micro-batches exactly,
-    weight the terms yourself instead (L_OR per pair from odds_ratio_loss; see train.py's train_step).
+    chosen_logps, rejected_logps: (B,) eq. 3 averages (average_logps); chosen_nll: L_SFT, a scalar or (B,)
+    values that are averaged; lam = 0 is plain SFT, the paper's baseline. For exact accumulation over
+    micro-batches, weight the terms yourself (odds_ratio_loss; train.py's train_step does).
     metrics: detached 0-d tensors, "nll" (L_SFT, TRL "nll_loss") and the means of odds_ratio_loss's.
     """
     or_losses, per_pair = odds_ratio_loss(chosen_logps, rejected_logps)
