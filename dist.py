@@ -390,9 +390,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {plain_name(k): v for k, v in sd.items()} if is_master() else {}
 
 
-def export_hf(model: nn.Module, config, tokenizer, out_dir: Path) -> Path:
-    """Write out_dir in Hugging Face format (config.json, *.safetensors, tokenizer files). A collective (the
-    gather); rank 0 writes into a tmp dir, then renames it: a reader never sees half an export."""
+def export_hf(model: nn.Module, config, tokenizer, out_dir: Path, files: dict[str, str] | None = None) -> Path:
+    """Write out_dir in Hugging Face format (config.json, *.safetensors, tokenizer files, and `files`: {name: text},
+    e.g. README.md, generation_config.json). A collective (the gather); rank 0 writes into a tmp dir, then renames
+    it: a reader never sees half an export."""
     out_dir = Path(out_dir)
     sd = full_state_dict(model)
     if is_master():
@@ -402,6 +403,8 @@ def export_hf(model: nn.Module, config, tokenizer, out_dir: Path) -> Path:
         save_hf_state_dict(sd, config, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     barrier()

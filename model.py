@@ -915,9 +915,11 @@ def _checkpoint_files(ckpt_dir: Path) -> list[Path]:
     return files
 
 
-def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig,
+                    extra: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, tensor) from a (sharded) HF safetensors checkpoint, one at a time, all checked from the headers
-    first: a missing, unexpected or wrongly shaped tensor raises CheckpointError naming the first few."""
+    first: a missing, unexpected or wrongly shaped tensor raises CheckpointError naming the first few. `extra`:
+    HF keys beyond the causal LM's that must be there too (a reward model's "score.weight"), yielded by that key."""
     ckpt_dir = Path(ckpt_dir)
     expected = expected_params(config)
     to_ours = {hf_name(n, config.family): n for n in expected}
@@ -935,15 +937,15 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig) -> Iterator[tuple
                 # a tied checkpoint's copy of the embedding: dropped (as HF does), unless a conversion that
                 # kept one name per shared tensor kept the tied matrix under this name only
                 tied_head = (file, key, shape)
-            elif hf_key in to_ours:
-                plan[to_ours[hf_key]] = (file, key, shape)
+            elif hf_key in to_ours or hf_key in extra:
+                plan[to_ours.get(hf_key, hf_key)] = (file, key, shape)
             elif not hf_key.endswith("rotary_emb.inv_freq"):   # a constant that old Llama exports saved
                 unexpected.append(key)
     if tied_head:
         plan.setdefault("tok_embeddings.weight", tied_head)
-    missing = [hf for hf, ours in to_ours.items() if ours not in plan]
+    missing = [hf for hf, ours in [*to_ours.items(), *zip(extra, extra)] if ours not in plan]
     bad_shape = [f"{key} {shape} (expected {expected[ours]})" for ours, (_, key, shape) in plan.items()
-                 if shape != expected[ours]]
+                 if shape != expected.get(ours, shape)]
     problems = [f"{what} {len(names)}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
                 for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape))
                 if names]
@@ -963,9 +965,11 @@ def plain_name(name: str) -> str:
 
 
 def save_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path,
-                       max_shard_bytes: int = 2 * 1024**3) -> Path:
+                       max_shard_bytes: int = 2 * 1024**3, extra: dict[str, torch.Tensor] | None = None,
+                       hf_config: dict | None = None) -> Path:
     """Write config.json and HF-named safetensors; more than one file (plus model.safetensors.index.json)
-    when the weights exceed max_shard_bytes. A tied lm_head is not written, as HF does."""
+    when the weights exceed max_shard_bytes. A tied lm_head is not written, as HF does. `extra`: more tensors by
+    their HF names (a reward model's score.weight); `hf_config`: keys that replace or add to config.json's."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     expected = expected_params(config)
@@ -980,6 +984,7 @@ def save_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig,
     missing = [n for n in expected if hf_name(n, config.family) not in tensors]
     if missing:
         raise CheckpointError(f"state dict is missing {len(missing)} parameter(s), e.g. {missing[:4]}")
+    tensors.update({k: t.detach().contiguous() for k, t in (extra or {}).items()})
     shards = [{}]   # in order, a new shard when the next tensor would take this one past max_shard_bytes
     for key, t in tensors.items():
         if shards[-1] and sum(s.nbytes for s in shards[-1].values()) + t.nbytes > max_shard_bytes:
@@ -995,7 +1000,7 @@ def save_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig,
         weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, indent=2))
-    hf = config_to_hf(config)
+    hf = {**config_to_hf(config), **(hf_config or {})}
     hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
     return out_dir
