@@ -1,8 +1,7 @@
 """
 A decoder-only Transformer in one file: Llama, Mistral, OPT and Phi, Hugging Face safetensors in and out, and a
-padding-free packed forward for ORPO training. Sections: 1. ModelConfig (the families differ by behaviour flags),
-2. the model, 3. attention (`attend` over flash-attn / torch varlen / SDPA), 4. Hugging Face config.json, Hub
-download, names, strict loading and saving.
+padding-free packed forward for ORPO training. 1. ModelConfig (the families differ by behaviour flags), 2. the model,
+3. attention (`attend` over flash-attn / torch varlen / SDPA), 4. Hugging Face config, Hub, loading and saving.
 
 A packed batch (data.PackedBatch) is N tokens in one stream of S segments, seg_lens[s] = (shared_len, chosen_len,
 rejected_len). A token attends to earlier tokens of its own segment, a rejected token never to a chosen one, and
@@ -26,6 +25,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -38,8 +38,7 @@ class CheckpointError(ValueError):
     """A checkpoint we cannot find, download or load."""
 
 
-# -----------------------------------------------------------------------------
-# 1. Config
+# ----------------------------------------------------------------------------- 1. Config
 
 
 @dataclass
@@ -77,24 +76,23 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in _FAMILIES:
             raise ModelConfigError(f"model family {self.family!r} is not supported; use one of {sorted(_FAMILIES)}")
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.head_dim is None:
-            if self.dim % self.n_heads:
-                raise ModelConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-            self.head_dim = self.dim // self.n_heads
-        if self.embed_dim is None:
-            self.embed_dim = self.dim
+        sizes = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len")
+        if small := [f"{n}={getattr(self, n)}" for n in sizes if (getattr(self, n) or 1) < 1]:   # (None: a default)
+            raise ModelConfigError(f"ModelConfig {small[0]}: every size must be at least 1")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ModelConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        self.head_dim = self.dim // self.n_heads if self.head_dim is None else self.head_dim
+        self.embed_dim = self.dim if self.embed_dim is None else self.embed_dim
         if self.embed_dim != self.dim and self.family != "opt":
             raise ModelConfigError(f"embed_dim {self.embed_dim} != dim {self.dim} (project_in/out) exists only in "
                                    f"OPT checkpoints, not in family {self.family!r}")
         if self.n_heads % self.n_kv_heads:
             raise ModelConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-        for name, value, allowed in (("norm", self.norm, ("rmsnorm", "layernorm")),
-                                     ("mlp_kind", self.mlp_kind, tuple(_ACTIVATIONS)),
-                                     ("positions", self.positions, ("rope", "learned"))):
-            if value not in allowed:
-                raise ModelConfigError(f"ModelConfig.{name}={value!r} is not one of {allowed}")
+        for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("mlp_kind", tuple(_ACTIVATIONS)),
+                              ("positions", ("rope", "learned"))):
+            if getattr(self, name) not in allowed:
+                raise ModelConfigError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.rotary_dim % 2:
             raise ModelConfigError(f"rotary dims {self.rotary_dim} (head_dim * rotary_fraction) must be even")
         s = self.rope_scaling
@@ -126,8 +124,7 @@ PRESETS: dict[str, str | ModelConfig] = {
 }
 
 
-# -----------------------------------------------------------------------------
-# 2. The model
+# ----------------------------------------------------------------------------- 2. The model
 
 
 class RMSNorm(nn.Module):
@@ -159,20 +156,12 @@ def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
     # "llama3" (Llama 3.1+): slow down only the dims whose wavelength is long compared with the pretraining
     # context L. Wavelengths under L / high_freq_factor turn many times within L and are kept; those over
     # L / low_freq_factor are slowed by `factor` (as linear does); in between, a linear blend in L / wavelength.
-    L = s["original_max_position_embeddings"]
-    low, high = s["low_freq_factor"], s["high_freq_factor"]
+    L, low, high = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
     wavelen = 2 * math.pi / inv_freq
     smooth = (L / wavelen - low) / (high - low)                           # 0 at L / low, 1 at L / high
     blended = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
     return torch.where(wavelen < L / high, inv_freq,
                        torch.where(wavelen > L / low, inv_freq / s["factor"], blended))
-
-
-def rope_cos_sin(config: ModelConfig, position_ids: torch.Tensor):
-    """Rotary tables for the given positions, (*P, rotary_dim / 2) each, float32 (as HF computes them)."""
-    inv_freq = rope_inv_freq(config, position_ids.device)                    # (half,)
-    angles = position_ids.float()[..., None] * inv_freq                       # (*P, half)
-    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -184,20 +173,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-class KVCache:
-    """Keys and values of one block for generation: (B, T_max, Hkv, hd), filled left to right."""
-
-    def __init__(self, B: int, T_max: int, n_kv_heads: int, head_dim: int, dtype, device):
-        self.k = torch.zeros(B, T_max, n_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.length = 0
-
-    def update(self, k, v):
-        start, self.length = self.length, self.length + k.shape[1]
-        self.k[:, start:self.length], self.v[:, start:self.length] = k, v
-        return self.k[:, :self.length], self.v[:, :self.length]
-
-
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -207,15 +182,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.attn_bias)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.attn_bias)
 
-    def forward(self, x, rope, layout: Layout, cache: KVCache | None = None):
+    def forward(self, x, rope, layout: Layout, cache: list | None = None):
         lead = x.shape[:-1]                                                   # (N,) packed or (B, T)
         q = self.wq(x).view(*lead, self.n_heads, self.head_dim)
         k = self.wk(x).view(*lead, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(*lead, self.n_kv_heads, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(k, v)                                         # (B, Tk, Hkv, hd)
+        if cache is not None:   # generation: this block's keys and values so far, [(B, Tk, Hkv, hd)] * 2
+            cache[:] = [torch.cat([cached, new], 1) for cached, new in zip(cache, (k, v))] if cache else [k, v]
+            k, v = cache
         return self.wo(attend(q, k, v, layout).reshape(*lead, -1))
 
 
@@ -246,7 +222,7 @@ class Block(nn.Module):
         self.mlp_norm = None if c.parallel_residual else make_norm(c)
         self.mlp = MLP(c)
 
-    def forward(self, x, rope, layout: Layout, cache: KVCache | None = None):
+    def forward(self, x, rope, layout: Layout, cache: list | None = None):
         if self.parallel_residual:   # Phi: attention and MLP read the same normed input
             h = self.attn_norm(x)
             return x + self.attn(h, rope, layout, cache) + self.mlp(h)
@@ -282,16 +258,14 @@ class Transformer(nn.Module):
     def init_weights(self):
         """N(0, 0.02) matrices and embeddings, zero biases, unit norms; wo and w2, which write into the residual
         stream, scaled by 1/sqrt(2 n_layers) as in GPT-2, so its variance does not grow with depth."""
-        std = 0.02
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif "norm" in name:
                 nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
             else:
-                nn.init.normal_(p, 0.0, std)
+                deep = name.endswith(("wo.weight", "w2.weight"))
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layers) if deep else 0.02)
 
     def _trunk(self, input_ids, position_ids, layout: Layout, caches=None) -> torch.Tensor:
         """Tokens (*P,) with positions (*P,) -> final hidden (*P, embed_dim), before lm_head."""
@@ -305,7 +279,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"position {int(position_ids.max())} is past the {c.max_seq_len} learned positions "
                                  f"of this {c.family} model: sequences may be at most {c.max_seq_len} tokens long")
             x = x + self.pos_embeddings(position_ids + 2)   # OPT reserves the table's first two rows
-        rope = rope_cos_sin(c, position_ids) if c.positions == "rope" else None  # once, for all blocks
+        rope = None
+        if c.positions == "rope":   # the rotary tables, once for all blocks: (*P, rotary_dim / 2) each, float32 as HF
+            angles = position_ids.float()[..., None] * rope_inv_freq(c, position_ids.device)
+            rope = angles.cos(), angles.sin()
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block, cache in zip(self.layers, caches or [None] * len(self.layers)):
             if checkpointing:
@@ -321,9 +298,9 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """An ordinary batch of equal-length causal sequences: (B, T) -> logits (B, T, V)."""
         B, T = input_ids.shape
-        position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        layout = dense_causal_layout(T, self.config.sliding_window, input_ids.device)
-        return self.lm_head(self._trunk(input_ids, position_ids, layout))
+        i, w = torch.arange(T, device=input_ids.device), self.config.sliding_window
+        mask = None if w is None or T <= w else (i[:, None] >= i) & (i[:, None] - i < w)   # causal, in the window
+        return self.lm_head(self._trunk(input_ids, i.expand(B, T), Layout("sdpa", w, mask, is_causal=mask is None)))
 
     def packed_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                       seg_lens: torch.Tensor) -> torch.Tensor:
@@ -332,8 +309,7 @@ class Transformer(nn.Module):
             raise ValueError(f"packed batch mismatch: input_ids {tuple(input_ids.shape)}, position_ids "
                              f"{tuple(position_ids.shape)}, seg_lens summing to {int(seg_lens.sum())}")
         # the kernel follows attention's compute dtype: bf16 under bf16 autocast, even with float32 weights
-        w = self.tok_embeddings.weight
-        dtype = _autocast_dtype(w.device.type) or w.dtype
+        dtype = _autocast_dtype(input_ids.device.type) or self.tok_embeddings.weight.dtype
         layout = packed_layout(seg_lens.cpu(), position_ids, self.config.sliding_window, dtype, self.attention)
         return self._trunk(input_ids, position_ids, layout)
 
@@ -345,16 +321,19 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 1.0,
-                 top_p: float = 1.0, eos_id: int | None = None,
+                 top_p: float = 1.0, eos_id: int | list[int] | None = None,
                  generator: torch.Generator | None = None) -> list[list[int]]:
-        """Sample continuations with a KV cache, all prompts at once: the new tokens of each prompt (up to and
-        including eos_id); temperature 0 = greedy. Prompts are left-padded: pad keys are masked out, and each row's
-        positions count only its real tokens, so every row computes exactly what it would compute alone."""
+        """Sample continuations with a KV cache, all prompts at once: the new tokens of each prompt, up to and
+        including the EOS that ends it; temperature 0 = greedy. eos_id: a token or a list (any of them ends a row);
+        None = the checkpoint's config.eos_token_id; [] = never stop early. Prompts are left-padded: pad keys are
+        masked out, and each row's positions count only its real tokens, so every row computes what it would alone."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs a non-empty list of non-empty prompts")
         check_sampling(temperature, top_p)
         c, device = self.config, self.tok_embeddings.weight.device
-        B, T0 = len(prompts), max(len(p) for p in prompts)
+        eos = c.eos_token_id if eos_id is None else eos_id
+        eos = torch.tensor([] if eos is None else eos, dtype=torch.long, device=device).view(-1)   # (E,)
+        T0 = max(len(p) for p in prompts)
         T_max = T0 + max_new_tokens
         if c.positions == "learned" and T_max > c.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {T_max} exceeds the model's {c.max_seq_len} positions")
@@ -362,9 +341,7 @@ class Transformer(nn.Module):
         slot = torch.arange(T_max, device=device)
         real = slot >= T0 - torch.tensor([len(p) for p in prompts], device=device)[:, None]   # (B, T_max) not padding
         pos = (real.cumsum(1) - 1).clamp(min=0)                             # (B, T_max)
-        caches = [KVCache(B, T_max, c.n_kv_heads, c.head_dim, self.tok_embeddings.weight.dtype, device)
-                  for _ in self.layers]
-        start = 0
+        caches, start = [[] for _ in self.layers], 0
         for end in range(T0, T_max):   # the first pass reads the whole (padded) prompt, the others one token
             q, k = slot[start:end, None], slot[None, :end]
             mask = (real[:, None, :end] & (k <= q)) | (k == q)                 # (B, Tq, Tk); pad rows see themselves
@@ -372,10 +349,10 @@ class Transformer(nn.Module):
                 mask &= pos[:, start:end, None] - pos[:, None, :end] < c.sliding_window
             hidden = self._trunk(ids[:, start:end], pos[:, start:end], Layout("sdpa", mask=mask[:, None]), caches)
             ids[:, end], start = sample_next(self.lm_head(hidden[:, -1]), temperature, top_p, generator), end
-            if eos_id is not None and (ids[:, T0:end + 1] == eos_id).any(1).all():
+            if torch.isin(ids[:, T0:end + 1], eos).any(1).all():
                 break
-        new = ids[:, T0:start + 1].tolist()                                 # nothing when max_new_tokens = 0
-        return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in new]
+        new, eos = ids[:, T0:start + 1].tolist(), set(eos.tolist())         # nothing when max_new_tokens = 0
+        return [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in new]
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32,
@@ -423,14 +400,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 class ChunkedTokenLogps(torch.autograd.Function):
-    """log_softmax(h W^T + b)[target] in float32, computed over chunks of rows.
-
-    Why a custom Function: with plain autograd every chunk's (chunk, V) float32 logits and log-softmax
-    output would be saved for backward, so memory would again be the full (M, V) float32 tensor (a 7B
-    model with V = 32k and M = 16k targets: 2 GiB per copy). Here forward keeps only h and one
-    logsumexp per row; backward recomputes each chunk's logits and uses the closed form
-    d logp[t] / d logits = onehot(t) - softmax(logits), so at most one chunk of logits exists at a time.
-    """
+    """log_softmax(h W^T + b)[target] in float32, computed over chunks of rows. Why a custom Function: with plain
+    autograd every chunk's (chunk, V) float32 logits and log-softmax output would be saved for backward, so memory
+    would again be the full (M, V) float32 tensor (a 7B model with V = 32k and M = 16k targets: 2 GiB per copy).
+    Here forward keeps only h and one logsumexp per row; backward recomputes each chunk's logits and uses the closed
+    form d logp[t] / d logits = onehot(t) - softmax(logits), so at most one chunk of logits exists at a time."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_size):
@@ -448,11 +422,10 @@ class ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         h, weight, bias, targets, lse = ctx.saved_tensors
-        grad_h = []
+        grad_h, n = [], ctx.chunk_size
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)   # float32 even for bf16
         grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         amp = torch.autocast(h.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None)
-        n = ctx.chunk_size
         for hc, tc, lc, g in zip(h.split(n), targets.split(n), lse.split(n), grad_out.float().split(n)):
             with amp:
                 logits = F.linear(hc, weight, bias).float()                  # recomputed, (C, V)
@@ -471,8 +444,8 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-# -----------------------------------------------------------------------------
-# 3. Attention: one function, three kernels, and the layout they read
+# ----------------------------------------------------------------------------- 3. Attention
+# one function, three kernels, and the layout they read
 
 
 KERNELS = ("auto", "sdpa", "flash", "varlen")
@@ -514,9 +487,7 @@ def pick_attention(requested: str | None, device: torch.device, dtype: torch.dty
     if requested == "varlen" and not varlen_ok:
         raise RuntimeError("attention backend 'varlen' needs torch.nn.attention.varlen on fp16/bf16 CUDA tensors "
                            "(and torch >= 2.12 for a sliding window)")
-    if requested != "auto":
-        return requested
-    return "flash" if flash_ok else "varlen" if varlen_ok else "sdpa"
+    return requested if requested != "auto" else "flash" if flash_ok else "varlen" if varlen_ok else "sdpa"
 
 
 @dataclass
@@ -561,12 +532,10 @@ def _varlen_call(L: Layout, q, k, v, cu_q, cu_k, max_q, max_k):
     varlen_attn, params = _torch_varlen()
     # torch >= 2.12: window_size, (-1, 0) = causal; torch 2.10 / 2.11: a flag, no window (pick_attention checked)
     kw = {"window_size": (left, 0)} if "window_size" in params else {"is_causal": True}
-    if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
-            kw["enable_gqa"] = True
-        else:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if k.shape[1] != q.shape[1] and "enable_gqa" in params:
+        kw["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:   # no GQA in torch 2.10 / 2.11: repeat the kv heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
 
@@ -586,9 +555,8 @@ def packed_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: in
 
 def _token_tags(seg_lens: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) segment of each packed token, and (N,) its branch: 0 shared prompt, 1 chosen, 2 rejected."""
-    S = len(seg_lens)
-    seg_id = torch.repeat_interleave(torch.arange(S), seg_lens.sum(1)).to(device)
-    branch = torch.repeat_interleave(torch.arange(3).repeat(S), seg_lens.flatten()).to(device)
+    seg_id = torch.repeat_interleave(torch.arange(len(seg_lens)), seg_lens.sum(1)).to(device)
+    branch = torch.repeat_interleave(torch.arange(3).repeat(len(seg_lens)), seg_lens.flatten()).to(device)
     return seg_id, branch
 
 
@@ -601,10 +569,6 @@ def _visible(seg_id, branch, position_ids, window, q, k):
     return visible
 
 
-def _cu(lens: torch.Tensor, device) -> torch.Tensor:
-    return F.pad(torch.cumsum(lens, 0), (1, 0)).to(device=device, dtype=torch.int32)
-
-
 def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, device) -> Layout:
     """The unshared layout is one causal call over all segments. The shared layout needs two: [prompt|chosen]
     is an ordinary causal sequence; rejected queries attend to [prompt|rejected] keys, causal aligned at the
@@ -612,7 +576,8 @@ def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, dev
     lengths differ. Assumes position_ids run 0..p+c-1 over [prompt|chosen] and p..p+r-1 over rejected (the
     contract), so index distance inside each call equals position distance and window_size is the window."""
     p, c, r = seg_lens.unbind(1)
-    cu_main, max_main = _cu((p + c)[p + c > 0], device), int((p + c).max())
+    cu = lambda lens: F.pad(torch.cumsum(lens, 0), (1, 0)).to(device=device, dtype=torch.int32)   # (S + 1,) starts
+    cu_main, max_main = cu((p + c)[p + c > 0]), int((p + c).max())
     if not (r > 0).any():    # unshared: no gathers needed
         return Layout(backend, window, calls=((None, None, cu_main, cu_main, max_main, max_main),))
     seg_id, branch = _token_tags(seg_lens, "cpu")
@@ -624,20 +589,11 @@ def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, dev
     kv_lens = (p + r)[r > 0]
     return Layout(backend, window, unperm_index=unperm, calls=(
         (main_index, main_index, cu_main, cu_main, max_main, max_main),
-        (rej_index, kv_index, _cu(r[r > 0], device), _cu(kv_lens, device), int(r.max()), int(kv_lens.max()))))
+        (rej_index, kv_index, cu(r[r > 0]), cu(kv_lens), int(r.max()), int(kv_lens.max()))))
 
 
-def dense_causal_layout(T: int, window: int | None, device) -> Layout:
-    """An ordinary (B, T) batch: plain causal, plus the sliding window when the sequence exceeds it."""
-    if window is None or T <= window:
-        return Layout("sdpa", window, is_causal=True)
-    i = torch.arange(T, device=device)
-    mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-    return Layout("sdpa", window, mask=mask)
-
-
-# -----------------------------------------------------------------------------
-# 4. Hugging Face: config.json, Hub download, per-family names, strict loading, saving
+# ----------------------------------------------------------------------------- 4. Hugging Face
+# config.json, Hub download, per-family names, strict loading, saving
 
 
 _REQUIRED = object()   # a config.json key without a default
@@ -683,12 +639,12 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if family == "phi" and hf.get("qk_layernorm"):
         raise ModelConfigError("phi config.json has qk_layernorm=true, which is not supported")
     fields = _HF_COMMON + _HF_FIELDS[family]
-    missing = [key for _, key, default in fields if default is _REQUIRED and hf.get(key) is None]
-    if missing:
+    if missing := [key for _, key, default in fields if default is _REQUIRED and hf.get(key) is None]:
         raise ModelConfigError(f"config.json (model_type {family!r}) has no {missing[0]!r}")
-    kw = {ours: hf.get(key, default) for ours, key, default in fields}
+    types = ModelConfig.__annotations__   # e.g. "int | None": what each config.json value must be
+    kw = {ours: _typed(key, hf.get(key, default), types[ours]) for ours, key, default in fields}
     _, act_key, act_default, acts, fixed = _HF_FAMILY[family]
-    act = hf.get(act_key) or act_default
+    act = _typed(act_key, hf.get(act_key) or act_default, "str")
     if act not in acts:
         ungated_silu = " (an ungated SiLU MLP is not supported)" if act in _GATED_ACT else ""
         raise ModelConfigError(f"{family} config.json {act_key}={act!r} is not supported; use one of "
@@ -701,11 +657,22 @@ def config_from_hf(hf: dict) -> ModelConfig:
     return ModelConfig(family=family, **kw)
 
 
+def _typed(key: str, value, types: str):
+    """A config.json value checked against types such as "int | None"; a float field takes an int too, as a float."""
+    kinds, got = types.split(" | "), type(value).__name__      # (a bool is not an int here, as in JSON)
+    if not (got in kinds or value is None and "None" in kinds or got == "int" and "float" in kinds
+            or got == "list" and "list[int]" in kinds and all(type(t) is int for t in value)):
+        words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                 "dict": "an object", "None": "null", "list[int]": "a list of integers"}
+        raise ModelConfigError(f"config.json {key}={value!r}: must be {' or '.join(words[k] for k in kinds)}")
+    return float(value) if got == "int" and kinds[0] == "float" else value
+
+
 def _read_rope(hf: dict, default_fraction: float) -> dict:
     """theta, rotary fraction and scaling from either config layout."""
-    params = hf.get("rope_parameters") or {}                       # transformers 5
-    scaling = dict(hf.get("rope_scaling") or params)               # the old layout keeps scaling separate
-    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))   # older configs say "type"
+    params = _typed("rope_parameters", hf.get("rope_parameters") or {}, "dict")           # transformers 5
+    scaling = dict(_typed("rope_scaling", hf.get("rope_scaling") or params, "dict"))    # the old layout: separate
+    rope_type = _typed("rope_type", scaling.pop("rope_type", scaling.pop("type", "default")), "str")  # or "type"
     keys = _ROPE_SCALING_KEYS.get(rope_type, ())
     if rope_type != "default" and not keys:
         raise ModelConfigError(f"config.json asks for rope scaling type {rope_type!r}; implemented: "
@@ -714,13 +681,12 @@ def _read_rope(hf: dict, default_fraction: float) -> dict:
         scaling["original_max_position_embeddings"] = (hf.get("original_max_position_embeddings")
                                                        or scaling.get("original_max_position_embeddings")
                                                        or hf.get("max_position_embeddings", 2048))
-    missing = [k for k in keys if scaling.get(k) is None]
-    if missing:
+    if missing := [k for k in keys if scaling.get(k) is None]:
         raise ModelConfigError(f"config.json rope scaling type {rope_type!r} has no {missing}")
-    scaling = {k: (int if k.startswith("original") else float)(scaling[k]) for k in keys}   # lengths int, factors float
-    return dict(rope_theta=float(params.get("rope_theta", hf.get("rope_theta") or 10000.0)),
-                rotary_fraction=float(params.get("partial_rotary_factor",
-                                                 hf.get("partial_rotary_factor") or default_fraction)),
+    scaling = {k: _typed(k, scaling[k], "int" if k.startswith("original") else "float") for k in keys}
+    return dict(rope_theta=_typed("rope_theta", params.get("rope_theta", hf.get("rope_theta") or 10000.0), "float"),
+                rotary_fraction=_typed("partial_rotary_factor", params.get(
+                    "partial_rotary_factor", hf.get("partial_rotary_factor") or default_fraction), "float"),
                 rope_scaling={"rope_type": rope_type, **scaling} if keys else None)
 
 
@@ -785,8 +751,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         return path
     repo_id = PRESETS.get(str(name_or_path), str(name_or_path))
     if isinstance(repo_id, ModelConfig):
-        raise CheckpointError(f"preset {name_or_path!r} is a random-init config, not a checkpoint "
-                              f"on disk or on the Hub")
+        raise CheckpointError(f"preset {name_or_path!r} is a random-init config, not a checkpoint on disk or the Hub")
     looks_like_path = str(name_or_path).startswith((".", "/", "~"))
     if repo_id == str(name_or_path) and (looks_like_path or (path.parent != Path(".") and path.parent.is_dir())):
         # "out/finall" is a mistyped path, not the Hub repo "finall" of a user named "out"
@@ -795,34 +760,31 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     if repo_id.count("/") != 1:
         raise CheckpointError(f"{name_or_path!r} is neither a directory, a preset ({', '.join(PRESETS)}) "
                               f"nor a Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
-    try:
-        local = Path(snapshot_download(repo_id, allow_patterns=_ALLOW))
-    except GatedRepoError:
-        raise CheckpointError(f"Hub repo {repo_id} is gated: accept its license on huggingface.co, then log in "
-                              f"(`hf auth login` or HF_TOKEN)") from None
-    except RepositoryNotFoundError:
-        raise CheckpointError(f"Hub repo {repo_id} does not exist or is private "
-                              f"(a private repo needs HF_TOKEN)") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"cannot get {repo_id}: it is not in the local Hugging Face cache and the Hub is not "
-                              f"reachable (offline, or HF_HUB_OFFLINE=1): {type(e).__name__}") from None
+    local = _download(repo_id)
     if any(local.glob("*.safetensors")):
         return local
-    ref = _safetensors_pr(repo_id)
-    if ref is None:
-        raise CheckpointError(f"Hub repo {repo_id} has no *.safetensors weights (only pickled files, which are not "
-                              f"loaded for safety), nor a safetensors pull request by the Hub's conversion bot; "
-                              f"convert it to safetensors first")
+    if (ref := _safetensors_pr(repo_id)) is None:
+        raise CheckpointError(f"Hub repo {repo_id} has no *.safetensors weights (pickled ones are not loaded, for "
+                              f"safety), nor a safetensors pull request by the Hub's conversion bot: convert it first")
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"note: {repo_id} has no safetensors on main; using those of {ref}, the Hub bot's conversion "
               f"pull request on top of main (as transformers does)")
+    return _download(repo_id, ref)
+
+
+def _download(repo_id: str, revision: str | None = None) -> Path:
+    """snapshot_download of the files we read (_ALLOW); each failure of the Hub client is one sentence."""
+    from huggingface_hub import errors, snapshot_download
     try:
-        return Path(snapshot_download(repo_id, revision=ref, allow_patterns=_ALLOW))
-    except Exception as e:   # the network failed between the two downloads (any client error)
-        raise CheckpointError(f"cannot get {repo_id} at {ref}: {type(e).__name__}: {e}") from None
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_ALLOW))
+    except errors.GatedRepoError:
+        why = "is gated: accept its license on huggingface.co, then log in (`hf auth login` or HF_TOKEN)"
+    except errors.RepositoryNotFoundError:
+        why = "does not exist or is private (a private repo needs HF_TOKEN)"
+    except (errors.LocalEntryNotFoundError, errors.HfHubHTTPError, OSError) as e:
+        why = (f"is not in the local Hugging Face cache and the Hub is not reachable (offline, or HF_HUB_OFFLINE=1): "
+               f"{type(e).__name__}")
+    raise CheckpointError(f"Hub repo {repo_id}{f' at {revision}' if revision else ''} {why}")
 
 
 def _safetensors_pr(repo_id: str) -> str | None:
@@ -830,14 +792,13 @@ def _safetensors_pr(repo_id: str) -> str | None:
     than safetensors (facebook/opt-*) often have safetensors only there; transformers loads them from the same PR.
     Only the bot's PR is trusted, and only when its parent is the current main, so that it can add nothing but the
     converted files. Offline or with the Hub unreachable: a refs/pr/N with safetensors in the local HF cache."""
-    import huggingface_hub
-    from huggingface_hub import HfApi, get_repo_discussions
-    if not huggingface_hub.constants.HF_HUB_OFFLINE:
+    import huggingface_hub as hub
+    if not hub.constants.HF_HUB_OFFLINE:
         try:
-            api = HfApi()
+            api = hub.HfApi()
             main = api.list_repo_commits(repo_id)[0].commit_id
-            for pr in get_repo_discussions(repo_id, author="SFconvertbot", discussion_type="pull_request",
-                                           discussion_status="open"):
+            for pr in hub.get_repo_discussions(repo_id, author="SFconvertbot", discussion_type="pull_request",
+                                               discussion_status="open"):
                 if pr.title == "Adding `safetensors` variant of this model" and pr.author == "SFconvertbot":
                     commits = api.list_repo_commits(repo_id, revision=pr.git_reference)
                     if len(commits) > 1 and commits[1].commit_id == main:
@@ -846,11 +807,9 @@ def _safetensors_pr(repo_id: str) -> str | None:
         except Exception:   # unreachable Hub, rate limits: the HTTP client's errors are not all OSErrors
             pass
     # the cache's layout: models--owner--name/refs/refs/pr/N holds the commit of snapshots/<commit>/
-    cached = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
-    for ref in sorted((cached / "refs" / "refs" / "pr").glob("*")):
-        if any((cached / "snapshots" / ref.read_text().strip()).glob("*.safetensors")):
-            return f"refs/pr/{ref.name}"
-    return None
+    cached = Path(hub.constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    return next((f"refs/pr/{ref.name}" for ref in sorted((cached / "refs" / "refs" / "pr").glob("*"))
+                 if any((cached / "snapshots" / ref.read_text().strip()).glob("*.safetensors"))), None)
 
 
 def weightless_preset(name: str) -> ModelConfig | None:
@@ -868,9 +827,8 @@ def resolve_model(name: str) -> tuple[ModelConfig, Path | None]:
 
 
 def random_init_tensors(config: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """The random init of a weightless preset from `seed`, as (name, tensor) pairs: every rank (and a
-    one-process run) builds the same full model on the CPU, so all start from identical weights. The global
-    RNG is left as it was. Only sensible for small presets."""
+    """The random init of a weightless preset from `seed`, as (name, tensor) pairs: every rank builds the same full
+    model on the CPU, so all start from identical weights; the global RNG is left as it was. For small presets."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         full = Transformer(config)
@@ -900,16 +858,14 @@ def expected_params(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def _checkpoint_files(ckpt_dir: Path) -> list[Path]:
     index = ckpt_dir / "model.safetensors.index.json"
     if not index.is_file():
-        files = sorted(ckpt_dir.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{ckpt_dir} has no *.safetensors files")
-        return files
+        if files := sorted(ckpt_dir.glob("*.safetensors")):
+            return files
+        raise CheckpointError(f"{ckpt_dir} has no *.safetensors files")
     try:
         files = [ckpt_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
+    if missing := [f.name for f in files if not f.is_file()]:
         raise CheckpointError(f"{index} names {len(missing)} shard(s) that are not in {ckpt_dir} "
                               f"({', '.join(missing[:3])}): an interrupted download?")
     return files
@@ -920,10 +876,9 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig,
     """(our name, tensor) from a (sharded) HF safetensors checkpoint, one at a time, all checked from the headers
     first: a missing, unexpected or wrongly shaped tensor raises CheckpointError naming the first few. `extra`:
     HF keys beyond the causal LM's that must be there too (a reward model's "score.weight"), yielded by that key."""
-    ckpt_dir = Path(ckpt_dir)
-    expected = expected_params(config)
-    to_ours = {hf_name(n, config.family): n for n in expected}
-    plan, unexpected, tied_head = {}, [], None         # plan: our name -> (file, key, shape in the file)
+    ckpt_dir, expected = Path(ckpt_dir), expected_params(config)
+    to_ours = {**{hf_name(n, config.family): n for n in expected}, **{key: key for key in extra}}
+    plan, unexpected = {}, []         # plan: our name -> (file, key, shape in the file)
     for file in _checkpoint_files(ckpt_dir):
         try:
             with safe_open(file, framework="pt") as f:
@@ -936,14 +891,12 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig,
             if config.tie_embeddings and hf_key == "lm_head.weight":
                 # a tied checkpoint's copy of the embedding: dropped (as HF does), unless a conversion that
                 # kept one name per shared tensor kept the tied matrix under this name only
-                tied_head = (file, key, shape)
-            elif hf_key in to_ours or hf_key in extra:
-                plan[to_ours.get(hf_key, hf_key)] = (file, key, shape)
+                plan.setdefault("tok_embeddings.weight", (file, key, shape))
+            elif hf_key in to_ours:
+                plan[to_ours[hf_key]] = (file, key, shape)   # (the embedding itself wins over a tied head)
             elif not hf_key.endswith("rotary_emb.inv_freq"):   # a constant that old Llama exports saved
                 unexpected.append(key)
-    if tied_head:
-        plan.setdefault("tok_embeddings.weight", tied_head)
-    missing = [hf for hf, ours in [*to_ours.items(), *zip(extra, extra)] if ours not in plan]
+    missing = [hf for hf, ours in to_ours.items() if ours not in plan]
     bad_shape = [f"{key} {shape} (expected {expected[ours]})" for ours, (_, key, shape) in plan.items()
                  if shape != expected.get(ours, shape)]
     problems = [f"{what} {len(names)}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
@@ -972,34 +925,25 @@ def save_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig,
     their HF names (a reward model's score.weight); `hf_config`: keys that replace or add to config.json's."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    expected = expected_params(config)
-    tensors = {}
-    for name, t in state_dict.items():
-        name = plain_name(name)
-        if name in expected:
-            tensors[hf_name(name, config.family)] = t.detach().contiguous()
-        elif not (config.tie_embeddings and name == "lm_head.weight"):
-            raise CheckpointError(f"state dict has {name!r}, which a {config.family} model with this config "
-                                  f"does not have")
-    missing = [n for n in expected if hf_name(n, config.family) not in tensors]
-    if missing:
+    expected, ours = expected_params(config), {plain_name(n): t for n, t in state_dict.items()}
+    if config.tie_embeddings:
+        ours.pop("lm_head.weight", None)   # the embedding itself
+    if unknown := [n for n in ours if n not in expected]:
+        raise CheckpointError(f"state dict has {unknown[0]!r}, which a {config.family} model with this config "
+                              f"does not have")
+    if missing := [n for n in expected if n not in ours]:
         raise CheckpointError(f"state dict is missing {len(missing)} parameter(s), e.g. {missing[:4]}")
-    tensors.update({k: t.detach().contiguous() for k, t in (extra or {}).items()})
-    shards = [{}]   # in order, a new shard when the next tensor would take this one past max_shard_bytes
-    for key, t in tensors.items():
-        if shards[-1] and sum(s.nbytes for s in shards[-1].values()) + t.nbytes > max_shard_bytes:
-            shards.append({})
-        shards[-1][key] = t
-    for old in list(out_dir.glob("*.safetensors")) + [out_dir / "model.safetensors.index.json"]:
+    tensors = {**{hf_name(n, config.family): t for n, t in ours.items()}, **(extra or {})}
+    tensors = {k: t.detach().contiguous() for k, t in tensors.items()}
+    for old in [*out_dir.glob("*.safetensors"), out_dir / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)   # stale shards from an earlier save would be loaded too
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for fname, shard in zip(names, shards):
-        save_file(shard, out_dir / fname, metadata={"format": "pt"})
-    if n > 1:
-        weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
+    # in order, a new shard when the next tensor would pass max_shard_bytes; named as transformers names them
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_bytes)
+    for fname, keys in split.filename_to_tensors.items():
+        save_file({k: tensors[k] for k in keys}, out_dir / fname, metadata={"format": "pt"})
+    if split.is_sharded:
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, indent=2))
+            {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2))
     hf = {**config_to_hf(config), **(hf_config or {})}
     hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2))

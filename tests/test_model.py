@@ -224,9 +224,8 @@ def test_packed_equals_per_sequence_and_shared_equals_unshared(family):
     x, pos, seg = pack(pairs, shared=False)
     with torch.no_grad():
         h = model.packed_hidden(x, pos, seg)
-        alone = torch.cat([model._trunk(s[None], torch.arange(len(s))[None], M.dense_causal_layout(
-            len(s), model.config.sliding_window, "cpu"))[0] for s in x.split(seg[:, 0].tolist())])
-    torch.testing.assert_close(h, alone, atol=1e-5, rtol=1e-5)
+        alone = torch.cat([model(s[None])[0] for s in x.split(seg[:, 0].tolist())])   # (N, V) logits
+        torch.testing.assert_close(model.lm_head(h), alone, atol=1e-5, rtol=1e-5)
     # shared [p|c|r]: every chosen and rejected token's hidden state equals the unshared one
     xs, poss, segs = pack(pairs, shared=True)
     with torch.no_grad():
@@ -358,7 +357,7 @@ def test_generate_cache_equals_recompute(family):
         for p in model.parameters():      # sharper distributions: greedy ties are impossible
             p.mul_(3.0) if p.dim() == 2 else None
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [20, 21, 22]]
-    got = model.generate(prompts, max_new_tokens=6, temperature=0)
+    got = model.generate(prompts, max_new_tokens=6, temperature=0, eos_id=[])     # [] = never stop early
     for p, new in zip(prompts, got):
         seq = list(p)
         with torch.no_grad():
@@ -370,14 +369,33 @@ def test_generate_cache_equals_recompute(family):
 def test_generate_eos_top_p_and_sampling():
     model = family_models()["llama"].eval()
     g = lambda: torch.Generator().manual_seed(0)
-    a = model.generate([[1, 2], [3, 4, 5]], max_new_tokens=5, temperature=1.0, top_p=0.9, generator=g())
-    b = model.generate([[1, 2], [3, 4, 5]], max_new_tokens=5, temperature=1.0, top_p=0.9, generator=g())
+    a = model.generate([[1, 2], [3, 4, 5]], max_new_tokens=5, temperature=1.0, top_p=0.9, eos_id=[], generator=g())
+    b = model.generate([[1, 2], [3, 4, 5]], max_new_tokens=5, temperature=1.0, top_p=0.9, eos_id=[], generator=g())
     assert a == b and all(len(x) == 5 for x in a)
-    first = model.generate([[1, 2]], max_new_tokens=5, temperature=0)[0]
+    first = model.generate([[1, 2]], max_new_tokens=5, temperature=0, eos_id=[])[0]
     stopped = model.generate([[1, 2]], max_new_tokens=5, temperature=0, eos_id=first[1])[0]
     assert stopped == first[:first.index(first[1]) + 1]
     logits = torch.tensor([[5.0, 4.0, -10.0, -10.0]])     # top_p 0.5 keeps only the argmax
     assert M.sample_next(logits, 1.0, 0.5, g()).tolist() == [0]
+
+
+def test_generate_stops_at_the_checkpoints_eos_by_default(tmp_path):
+    """eos_id=None is config.json's eos_token_id, an int or a list (any of them ends a row, and is kept)."""
+    model = family_models()["llama"].eval()
+    prompts = [[1, 2], [3, 4, 5]]
+    free = model.generate(prompts, max_new_tokens=8, temperature=0, eos_id=[])
+    assert all(len(row) == 8 for row in free)
+    eos = free[0][2]                                       # a token the first row greedily emits
+    cut = lambda row, stops: row[:next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]
+    model.save_pretrained(tmp_path)
+    for value in (eos, [free[1][3], eos]):
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=value)))
+        loaded = M.Transformer.from_pretrained(str(tmp_path)).eval()
+        stops = value if isinstance(value, list) else [value]
+        got = loaded.generate(prompts, max_new_tokens=8, temperature=0)
+        assert got == [cut(row, stops) for row in free] and len(got[0]) <= 3 and got[0][-1] in stops
+    assert loaded.generate(prompts, max_new_tokens=8, temperature=0, eos_id=[]) == free
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -504,7 +522,7 @@ def test_resolve_checkpoint_gated_and_no_safetensors(monkeypatch, tmp_path):
 
     calls = []
 
-    def gated(repo_id, allow_patterns):
+    def gated(repo_id, allow_patterns, revision=None):
         calls.append(allow_patterns)
         raise GatedRepoError("401", response=SimpleNamespace(headers={}, status_code=401, request=None, url=""))
 
@@ -514,7 +532,7 @@ def test_resolve_checkpoint_gated_and_no_safetensors(monkeypatch, tmp_path):
     assert "*.safetensors" in calls[0] and not any("bin" in p for p in calls[0])
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns, revision=None: str(tmp_path))
     with pytest.raises(M.CheckpointError, match="has no \\*.safetensors"):
         M.resolve_checkpoint("someone/pickled-only")
 
@@ -618,7 +636,8 @@ def test_block_traces_without_graph_breaks():
     x, pos, seg = pack(random_pairs(2), shared=True)
     layout = M.packed_layout(seg, pos, 4, torch.float32)
     h = model.tok_embeddings(x)
-    rope = M.rope_cos_sin(model.config, pos)
+    angles = pos.float()[:, None] * M.rope_inv_freq(model.config)
+    rope = angles.cos(), angles.sin()
     block = model.layers[0]
     compiled = torch.compile(block, backend="eager", fullgraph=True)
     with torch.no_grad():
