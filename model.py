@@ -1,13 +1,11 @@
 """
-A decoder-only Transformer in one file: Llama, Mistral, OPT and Phi, Hugging Face safetensors in and out, and a
-padding-free packed forward for ORPO training. 1. ModelConfig (the families differ by behaviour flags), 2. the model,
-3. attention (`attend` over flash-attn / torch varlen / SDPA), 4. Hugging Face config, Hub, loading and saving.
+A decoder-only Transformer in one file: Llama, Mistral, OPT and Phi (the families differ by ModelConfig's behaviour
+flags), Hugging Face safetensors in and out, and a padding-free packed forward for ORPO training.
 
 A packed batch (data.PackedBatch) is N tokens in one stream of S segments, seg_lens[s] = (shared_len, chosen_len,
 rejected_len). A token attends to earlier tokens of its own segment, a rejected token never to a chosen one, and
 rejected positions restart at the end of the prompt: the prompt is computed once for both answers, and every answer
-token sees exactly what it would see in its own [prompt | answer] sequence. No transformers at run time: the tests
-check logits against it to 1e-4 in float32.
+token sees what it would in its own [prompt | answer]. No transformers at run time (tests: logits to 1e-4, fp32).
 """
 
 from __future__ import annotations
@@ -76,9 +74,6 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in _FAMILIES:
             raise ModelConfigError(f"model family {self.family!r} is not supported; use one of {sorted(_FAMILIES)}")
-        sizes = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len")
-        if small := [f"{n}={getattr(self, n)}" for n in sizes if (getattr(self, n) or 1) < 1]:   # (None: a default)
-            raise ModelConfigError(f"ModelConfig {small[0]}: every size must be at least 1")
         if self.head_dim is None and self.dim % self.n_heads:
             raise ModelConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         self.n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
@@ -109,8 +104,8 @@ class ModelConfig:
 _FAMILIES = ("llama", "mistral", "opt", "phi")
 _ACTIVATIONS = {"swiglu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
                 "relu": F.relu}
-# The rope scaling types we implement, and the keys each one reads (as transformers names them).
-# "dynamic" (NTK) is not here: its frequencies depend on the longest sequence seen at run time.
+# The rope scaling types we implement, and the keys each reads (transformers' names); not "dynamic" (NTK), whose
+# frequencies depend on the longest sequence seen at run time.
 _ROPE_SCALING_KEYS = {"linear": ("factor",),
                       "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
@@ -127,20 +122,15 @@ PRESETS: dict[str, str | ModelConfig] = {
 # ----------------------------------------------------------------------------- 2. The model
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
+class RMSNorm(nn.RMSNorm):
     def forward(self, x):
         # normalise in float32 (bf16 sums of squares lose precision), scale in the input dtype, as Llama does
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.normalized_shape, eps=self.eps).to(x.dtype)
 
 
 def make_norm(c: ModelConfig) -> nn.Module:
     if c.norm == "rmsnorm":
-        return RMSNorm(c.dim, c.norm_eps)
+        return RMSNorm(c.dim, eps=c.norm_eps)
     return nn.LayerNorm(c.dim, eps=c.norm_eps, elementwise_affine=c.norm_affine, bias=c.norm_affine)
 
 
@@ -153,9 +143,8 @@ def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
         return inv_freq
     if s["rope_type"] == "linear":           # every frequency slowed by the factor = positions divided by it
         return inv_freq / s["factor"]
-    # "llama3" (Llama 3.1+): slow down only the dims whose wavelength is long compared with the pretraining
-    # context L. Wavelengths under L / high_freq_factor turn many times within L and are kept; those over
-    # L / low_freq_factor are slowed by `factor` (as linear does); in between, a linear blend in L / wavelength.
+    # "llama3" (Llama 3.1+) slows only the dims whose wavelength is long against the pretraining context L: under
+    # L / high_freq_factor they turn many times within L and are kept, over L / low_freq_factor slowed by `factor`.
     L, low, high = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
     wavelen = 2 * math.pi / inv_freq
     smooth = (L / wavelen - low) / (high - low)                           # 0 at L / low, 1 at L / high
@@ -165,8 +154,8 @@ def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim dims of each head, HF's "rotate half" pairing (i, i + half).
-    x (*P, H, hd); cos, sin (*P, half). Phi leaves the remaining dims untouched."""
+    """x (*P, H, hd): rotate each head's first 2 * half dims, HF's "rotate half" pairing (i, i + half); Phi keeps the
+    rest. cos, sin (*P, half)."""
     half = cos.shape[-1]
     cos, sin = cos[..., None, :].to(x.dtype), sin[..., None, :].to(x.dtype)   # broadcast over heads
     x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
@@ -205,14 +194,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.act(self.w1(x))
-        if self.w3 is not None:
-            h = h * self.w3(x)
-        return self.w2(h)
+        return self.w2(h if self.w3 is None else h * self.w3(x))
 
 
 class Block(nn.Module):
-    """One decoder layer. Only static config flags branch here (no data-dependent control flow),
-    so torch.compile traces it without graph breaks; masks and indices come in through `layout`."""
+    """One decoder layer. Only static config flags branch here, so torch.compile traces it without graph breaks."""
 
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -240,10 +226,10 @@ class Transformer(nn.Module):
         self.attention = attention   # the packed forward's kernel, see pick_attention (None = "auto")
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.embed_dim)
         self.pos_embeddings = nn.Embedding(c.max_seq_len + 2, c.dim) if c.positions == "learned" else None
-        self.project_in = nn.Linear(c.embed_dim, c.dim, bias=False) if c.embed_dim != c.dim else None
+        self.project_in = nn.Linear(c.embed_dim, c.dim, bias=False) if c.embed_dim != c.dim else nn.Identity()
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
-        self.norm = make_norm(c) if c.final_norm else None
-        self.project_out = nn.Linear(c.dim, c.embed_dim, bias=False) if c.embed_dim != c.dim else None
+        self.norm = make_norm(c) if c.final_norm else nn.Identity()
+        self.project_out = nn.Linear(c.dim, c.embed_dim, bias=False) if c.embed_dim != c.dim else nn.Identity()
         self.lm_head = nn.Linear(c.embed_dim, c.vocab_size, bias=c.lm_head_bias)
         self.activation_checkpointing = False  # True: recompute each block in backward (memory for compute)
         self.tie_weights()
@@ -256,8 +242,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """N(0, 0.02) matrices and embeddings, zero biases, unit norms; wo and w2, which write into the residual
-        stream, scaled by 1/sqrt(2 n_layers) as in GPT-2, so its variance does not grow with depth."""
+        """N(0, 0.02), zero biases, unit norms; wo and w2 (into the residual stream) / sqrt(2 n_layers), as GPT-2."""
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -270,37 +255,29 @@ class Transformer(nn.Module):
     def _trunk(self, input_ids, position_ids, layout: Layout, caches=None) -> torch.Tensor:
         """Tokens (*P,) with positions (*P,) -> final hidden (*P, embed_dim), before lm_head."""
         c = self.config
-        x = self.tok_embeddings(input_ids)
-        if self.project_in is not None:
-            x = self.project_in(x)
+        x = self.project_in(self.tok_embeddings(input_ids))
         if self.pos_embeddings is not None:
             # a learned table has max_seq_len rows to index (an index past it is a CUDA device assert)
             if int(position_ids.max()) >= c.max_seq_len:
                 raise ValueError(f"position {int(position_ids.max())} is past the {c.max_seq_len} learned positions "
                                  f"of this {c.family} model: sequences may be at most {c.max_seq_len} tokens long")
             x = x + self.pos_embeddings(position_ids + 2)   # OPT reserves the table's first two rows
-        rope = None
-        if c.positions == "rope":   # the rotary tables, once for all blocks: (*P, rotary_dim / 2) each, float32 as HF
-            angles = position_ids.float()[..., None] * rope_inv_freq(c, position_ids.device)
-            rope = angles.cos(), angles.sin()
+        angles = position_ids.float()[..., None] * rope_inv_freq(c, position_ids.device)   # (*P, rotary_dim / 2)
+        rope = (angles.cos(), angles.sin()) if c.positions == "rope" else None   # once for all blocks, fp32 as HF
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block, cache in zip(self.layers, caches or [None] * len(self.layers)):
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, layout, cache, use_reentrant=False)
             else:
                 x = block(x, rope, layout, cache)
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.project_out is not None:
-            x = self.project_out(x)
-        return x
+        return self.project_out(self.norm(x))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """An ordinary batch of equal-length causal sequences: (B, T) -> logits (B, T, V)."""
         B, T = input_ids.shape
         i, w = torch.arange(T, device=input_ids.device), self.config.sliding_window
-        mask = None if w is None or T <= w else (i[:, None] >= i) & (i[:, None] - i < w)   # causal, in the window
-        return self.lm_head(self._trunk(input_ids, i.expand(B, T), Layout("sdpa", w, mask, is_causal=mask is None)))
+        mask = (i[:, None] >= i) & (i[:, None] - i < (w or T))          # causal, and within Mistral's window
+        return self.lm_head(self._trunk(input_ids, i.expand(B, T), Layout("sdpa", w, mask)))
 
     def packed_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                       seg_lens: torch.Tensor) -> torch.Tensor:
@@ -309,7 +286,8 @@ class Transformer(nn.Module):
             raise ValueError(f"packed batch mismatch: input_ids {tuple(input_ids.shape)}, position_ids "
                              f"{tuple(position_ids.shape)}, seg_lens summing to {int(seg_lens.sum())}")
         # the kernel follows attention's compute dtype: bf16 under bf16 autocast, even with float32 weights
-        dtype = _autocast_dtype(input_ids.device.type) or self.tok_embeddings.weight.dtype
+        on = input_ids.device.type
+        dtype = torch.get_autocast_dtype(on) if torch.is_autocast_enabled(on) else self.tok_embeddings.weight.dtype
         layout = packed_layout(seg_lens.cpu(), position_ids, self.config.sliding_window, dtype, self.attention)
         return self._trunk(input_ids, position_ids, layout)
 
@@ -323,10 +301,9 @@ class Transformer(nn.Module):
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 1.0,
                  top_p: float = 1.0, eos_id: int | list[int] | None = None,
                  generator: torch.Generator | None = None) -> list[list[int]]:
-        """Sample continuations with a KV cache, all prompts at once: the new tokens of each prompt, up to and
-        including the EOS that ends it; temperature 0 = greedy. eos_id: a token or a list (any of them ends a row);
-        None = the checkpoint's config.eos_token_id; [] = never stop early. Prompts are left-padded: pad keys are
-        masked out, and each row's positions count only its real tokens, so every row computes what it would alone."""
+        """The new tokens of each prompt, sampled with a KV cache (temperature 0: greedy), up to and including the EOS
+        that ends the row: eos_id, a token or a list; None = config.eos_token_id; [] = never stop early. Prompts are
+        left-padded, pad keys masked out, positions counted over real tokens: each row computes what it would alone."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs a non-empty list of non-empty prompts")
         check_sampling(temperature, top_p)
@@ -357,8 +334,8 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", seed: int | None = None) -> Transformer:
-        """A preset, local HF directory or Hub repo id -> the model in `dtype` on `device`. A weightless preset
-        (tiny) is randomly initialised: from `seed` as train.py does (random_init_tensors), else from the global RNG."""
+        """A preset, local HF directory or Hub repo id -> the model; a weightless preset (tiny) is randomly initialised
+        from `seed` as train.py does (random_init_tensors), else from the global RNG."""
         config, ckpt = resolve_model(name_or_path)
         if ckpt is None:
             model = cls(config)
@@ -381,8 +358,7 @@ class Transformer(nn.Module):
 def check_sampling(temperature: float, top_p: float) -> None:
     """The one check of the sampling settings (generate() and eval_rm.py's flag checks call it)."""
     if not (0.0 < top_p <= 1.0) or not temperature >= 0:
-        raise ValueError(f"sampling needs 0 < top_p <= 1 and temperature >= 0, got top_p={top_p}, "
-                         f"temperature={temperature}")
+        raise ValueError(f"sampling needs 0 < top_p <= 1 and temperature >= 0, got {top_p=}, {temperature=}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -400,11 +376,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 class ChunkedTokenLogps(torch.autograd.Function):
-    """log_softmax(h W^T + b)[target] in float32, computed over chunks of rows. Why a custom Function: with plain
-    autograd every chunk's (chunk, V) float32 logits and log-softmax output would be saved for backward, so memory
-    would again be the full (M, V) float32 tensor (a 7B model with V = 32k and M = 16k targets: 2 GiB per copy).
-    Here forward keeps only h and one logsumexp per row; backward recomputes each chunk's logits and uses the closed
-    form d logp[t] / d logits = onehot(t) - softmax(logits), so at most one chunk of logits exists at a time."""
+    """log_softmax(h W^T + b)[target] in float32, over chunks of rows. Plain autograd would save every chunk's (C, V)
+    float32 logits and log-softmax for backward: the full (M, V) again (V = 32k, M = 16k targets: 2 GiB per copy).
+    Here forward keeps h and one logsumexp per row; backward recomputes each chunk's logits and uses the closed form
+    d logp[t] / d logits = onehot(t) - softmax(logits), so at most one chunk of logits exists at a time."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_size):
@@ -416,7 +391,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
         ctx.save_for_backward(h, weight, bias, targets, torch.cat(lse))
         ctx.chunk_size = chunk_size
         # backward runs outside autocast: remember it, so the recomputed logits match the forward's
-        ctx.amp_dtype = _autocast_dtype(h.device.type)
+        ctx.amp_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else None
         return torch.cat(out)
 
     @staticmethod
@@ -439,49 +414,38 @@ class ChunkedTokenLogps(torch.autograd.Function):
         return torch.cat(grad_h), grad_w.to(weight.dtype), None if bias is None else grad_b.to(bias.dtype), None, None
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes in on this device type, or None when autocast is off."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
 # ----------------------------------------------------------------------------- 3. Attention
-# one function, three kernels, and the layout they read
 
 
 KERNELS = ("auto", "sdpa", "flash", "varlen")
 
 
 @functools.cache
-def _flash_varlen():
+def _varlen_kernels():
+    """(flash_attn_varlen_func, torch's varlen_attn (torch >= 2.10), its keywords); None: not installed (or broken)."""
     try:
-        from flash_attn import flash_attn_varlen_func
-        return flash_attn_varlen_func
-    except Exception:  # not installed, or built for another torch / CUDA
-        return None
-
-
-@functools.cache
-def _torch_varlen():
-    """torch.nn.attention.varlen.varlen_attn (torch >= 2.10) and the keyword names this version takes."""
+        from flash_attn import flash_attn_varlen_func as flash
+    except Exception:
+        flash = None
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
-    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+        return flash, None, set()
+    return flash, varlen_attn, set(inspect.signature(varlen_attn).parameters)
 
 
 def pick_attention(requested: str | None, device: torch.device, dtype: torch.dtype,
                    window: int | None = None) -> str:
-    """The kernel that runs for `requested` on this device and dtype: "auto" (or None) takes flash-attn, else
-    torch varlen, else SDPA; "sdpa", "flash" or "varlen" that one, a RuntimeError when it cannot run here."""
+    """The kernel for `requested` here: "auto" (or None) flash-attn, else torch varlen, else SDPA; a named one, or a
+    RuntimeError when it cannot run on this device and dtype."""
     requested = requested or "auto"
     if requested not in KERNELS:
         raise ValueError(f"attention kernel {requested!r} is not one of {KERNELS}")
     # the varlen kernels are CUDA-only and half-precision-only; fp32 or CPU tensors take the SDPA path
     fast_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-    flash_ok = fast_ok and _flash_varlen() is not None
-    tv = _torch_varlen()
-    varlen_ok = fast_ok and tv is not None and (window is None or "window_size" in tv[1])
+    flash, varlen, params = _varlen_kernels()
+    flash_ok = fast_ok and flash is not None
+    varlen_ok = fast_ok and varlen is not None and (window is None or "window_size" in params)
     if requested == "flash" and not flash_ok:
         raise RuntimeError("attention backend 'flash' needs flash-attn installed and fp16/bf16 CUDA tensors")
     if requested == "varlen" and not varlen_ok:
@@ -492,14 +456,12 @@ def pick_attention(requested: str | None, device: torch.device, dtype: torch.dty
 
 @dataclass
 class Layout:
-    """Everything attention needs besides q, k, v; built once per forward, shared by all blocks.
-    "sdpa": one SDPA call with a bool `mask` (True = attend) or plain `is_causal`; a packed batch is one row of
-            N tokens under the (N, N) mask of its attention rule (packed_layout).
+    """Everything attention needs besides q, k, v, built once per forward for all blocks. "sdpa": one call with a bool
+    `mask` (True = attend); a packed batch is one row of N tokens under an (N, N) mask (packed_layout).
     "flash" / "varlen": `calls`, each (q_index, kv_index, cu_q, cu_k, max_q, max_k), see _varlen_layout."""
     backend: str
     window: int | None = None
     mask: torch.Tensor | None = None
-    is_causal: bool = False
     calls: tuple = ()
     unperm_index: torch.Tensor | None = None   # (N,) row of cat(call outputs) holding each packed row
 
@@ -518,8 +480,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) ->
     if packed:                                                              # one row of N tokens
         q, k, v = q[None], k[None], v[None]
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=layout.mask, is_causal=layout.is_causal,
-                                       enable_gqa=k.shape[-2] != q.shape[-2]).transpose(1, 2)  # (B, T, H, hd)
+                                       attn_mask=layout.mask, enable_gqa=k.shape[-2] != q.shape[-2]).transpose(1, 2)
     return o[0] if packed else o
 
 
@@ -527,9 +488,9 @@ def _varlen_call(L: Layout, q, k, v, cu_q, cu_k, max_q, max_k):
     # Both kernels take window_size=(left, right): query i sees keys i-left .. i+right (bottom-right
     # aligned). Our window w keeps keys with pos_i - pos_j < w, i.e. pos_i - pos_j <= w - 1: left = w - 1.
     left = L.window - 1 if L.window else -1
+    flash, varlen_attn, params = _varlen_kernels()
     if L.backend == "flash":
-        return _flash_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window_size=(left, 0))
-    varlen_attn, params = _torch_varlen()
+        return flash(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window_size=(left, 0))
     # torch >= 2.12: window_size, (-1, 0) = causal; torch 2.10 / 2.11: a flag, no window (pick_attention checked)
     kw = {"window_size": (left, 0)} if "window_size" in params else {"is_causal": True}
     if k.shape[1] != q.shape[1] and "enable_gqa" in params:
@@ -561,20 +522,17 @@ def _token_tags(seg_lens: torch.Tensor, device) -> tuple[torch.Tensor, torch.Ten
 
 
 def _visible(seg_id, branch, position_ids, window, q, k):
-    """The attention rule of a packed batch for query rows q and key rows k (broadcastable): same segment, causal
-    in packed order, a rejected token never sees a chosen one, and Mistral's window in position space."""
+    """Packed query rows q see key rows k (broadcastable): same segment, causal in packed order, a rejected token
+    never sees a chosen one, and Mistral's window in position space."""
     visible = (seg_id[q] == seg_id[k]) & (q >= k) & ((branch[k] == 0) | (branch[k] == branch[q]))
-    if window is not None:
-        visible = visible & ((position_ids[q] - position_ids[k]) < window)
-    return visible
+    return visible if window is None else visible & ((position_ids[q] - position_ids[k]) < window)
 
 
 def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, device) -> Layout:
-    """The unshared layout is one causal call over all segments. The shared layout needs two: [prompt|chosen]
-    is an ordinary causal sequence; rejected queries attend to [prompt|rejected] keys, causal aligned at the
-    bottom-right (query r_k sits at key p + k), which the varlen kernels implement whenever the query and key
-    lengths differ. Assumes position_ids run 0..p+c-1 over [prompt|chosen] and p..p+r-1 over rejected (the
-    contract), so index distance inside each call equals position distance and window_size is the window."""
+    """Unshared: one causal call over all segments. Shared: two. [prompt|chosen] is an ordinary causal sequence;
+    rejected queries attend to [prompt|rejected] keys, causal aligned at the bottom-right (query r_k sits at key
+    p + k), as the varlen kernels do when query and key lengths differ. Positions run 0..p+c-1 and p..p+r-1 (the
+    contract), so index distance inside each call is position distance, and window_size is the window."""
     p, c, r = seg_lens.unbind(1)
     cu = lambda lens: F.pad(torch.cumsum(lens, 0), (1, 0)).to(device=device, dtype=torch.int32)   # (S + 1,) starts
     cu_main, max_main = cu((p + c)[p + c > 0]), int((p + c).max())
@@ -593,7 +551,6 @@ def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, dev
 
 
 # ----------------------------------------------------------------------------- 4. Hugging Face
-# config.json, Hub download, per-family names, strict loading, saving
 
 
 _REQUIRED = object()   # a config.json key without a default
@@ -631,8 +588,8 @@ _HF_FAMILY = {
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """A Hugging Face config.json (as a dict) -> ModelConfig. Reads both the old layout (top-level rope_theta /
-    rope_scaling / partial_rotary_factor, often no head_dim) and transformers 5's rope_parameters."""
+    """A Hugging Face config.json dict -> ModelConfig, from the old layout (top-level rope_theta, rope_scaling,
+    partial_rotary_factor, often no head_dim) or transformers 5's rope_parameters."""
     family = hf.get("model_type")
     if family not in _FAMILIES:
         raise ModelConfigError(f"config.json has model_type {family!r}; supported: {sorted(_FAMILIES)}")
@@ -641,8 +598,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     fields = _HF_COMMON + _HF_FIELDS[family]
     if missing := [key for _, key, default in fields if default is _REQUIRED and hf.get(key) is None]:
         raise ModelConfigError(f"config.json (model_type {family!r}) has no {missing[0]!r}")
-    types = ModelConfig.__annotations__   # e.g. "int | None": what each config.json value must be
-    kw = {ours: _typed(key, hf.get(key, default), types[ours]) for ours, key, default in fields}
+    kw = {ours: _typed(key, hf.get(key, default), ModelConfig.__annotations__[ours]) for ours, key, default in fields}
     _, act_key, act_default, acts, fixed = _HF_FAMILY[family]
     act = _typed(act_key, hf.get(act_key) or act_default, "str")
     if act not in acts:
@@ -678,9 +634,8 @@ def _read_rope(hf: dict, default_fraction: float) -> dict:
         raise ModelConfigError(f"config.json asks for rope scaling type {rope_type!r}; implemented: "
                                f"{['default', *_ROPE_SCALING_KEYS]}")
     if rope_type == "llama3":   # as transformers: a top-level value wins, then the dict's, then the model's max
-        scaling["original_max_position_embeddings"] = (hf.get("original_max_position_embeddings")
-                                                       or scaling.get("original_max_position_embeddings")
-                                                       or hf.get("max_position_embeddings", 2048))
+        key = "original_max_position_embeddings"
+        scaling[key] = hf.get(key) or scaling.get(key) or hf.get("max_position_embeddings", 2048)
     if missing := [k for k in keys if scaling.get(k) is None]:
         raise ModelConfigError(f"config.json rope scaling type {rope_type!r} has no {missing}")
     scaling = {k: _typed(k, scaling[k], "int" if k.startswith("original") else "float") for k in keys}
@@ -715,8 +670,7 @@ _LLAMA_NAMES = ("model.", {"tok_embeddings": "embed_tokens", "norm": "norm"},
                  "mlp_norm": "post_attention_layernorm", "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj",
                  "mlp.w2": "mlp.down_proj"})
 _HF_NAMES = {
-    "llama": _LLAMA_NAMES,
-    "mistral": _LLAMA_NAMES,
+    "llama": _LLAMA_NAMES, "mistral": _LLAMA_NAMES,
     "phi": ("model.", {"tok_embeddings": "embed_tokens", "norm": "final_layernorm"},
             {**_QKV, "attn.wo": "self_attn.dense", "attn_norm": "input_layernorm", "mlp.w1": "mlp.fc1",
              "mlp.w2": "mlp.fc2"}),
@@ -736,9 +690,8 @@ def hf_name(name: str, family: str) -> str:
     return f"{hf}.{leaf}"
 
 
-_ALLOW = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",   # GPT-2-style BPE (OPT)
-          "*.safetensors", "model.safetensors.index.json"]
+_ALLOW = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+          "tokenizer.model", "vocab.json", "merges.txt", "*.safetensors", "model.safetensors.index.json"]
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -754,8 +707,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         raise CheckpointError(f"preset {name_or_path!r} is a random-init config, not a checkpoint on disk or the Hub")
     looks_like_path = str(name_or_path).startswith((".", "/", "~"))
     if repo_id == str(name_or_path) and (looks_like_path or (path.parent != Path(".") and path.parent.is_dir())):
-        # "out/finall" is a mistyped path, not the Hub repo "finall" of a user named "out"
-        why = "it is a path" if looks_like_path else f"its folder {path.parent}/ exists here"
+        why = "it is a path" if looks_like_path else f"its folder {path.parent}/ exists here"   # "out/finall"
         raise CheckpointError(f"{name_or_path!r}: no such directory ({why}, so it is not looked up on the Hub)")
     if repo_id.count("/") != 1:
         raise CheckpointError(f"{name_or_path!r} is neither a directory, a preset ({', '.join(PRESETS)}) "
@@ -767,8 +719,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         raise CheckpointError(f"Hub repo {repo_id} has no *.safetensors weights (pickled ones are not loaded, for "
                               f"safety), nor a safetensors pull request by the Hub's conversion bot: convert it first")
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: {repo_id} has no safetensors on main; using those of {ref}, the Hub bot's conversion "
-              f"pull request on top of main (as transformers does)")
+        print(f"note: {repo_id} has no safetensors on main; using the Hub bot's conversion PR {ref} (as transformers)")
     return _download(repo_id, ref)
 
 
@@ -788,10 +739,8 @@ def _download(repo_id: str, revision: str | None = None) -> Path:
 
 
 def _safetensors_pr(repo_id: str) -> str | None:
-    """refs/pr/N of the Hub bot's (SFconvertbot) open safetensors conversion PR of repo_id, or None. Repos older
-    than safetensors (facebook/opt-*) often have safetensors only there; transformers loads them from the same PR.
-    Only the bot's PR is trusted, and only when its parent is the current main, so that it can add nothing but the
-    converted files. Offline or with the Hub unreachable: a refs/pr/N with safetensors in the local HF cache."""
+    """refs/pr/N of the Hub bot's (SFconvertbot) open safetensors conversion PR, as transformers finds it, or None; only
+    the bot's and on top of main, so it adds only the converted files (facebook/opt-*). Offline: one in the cache."""
     import huggingface_hub as hub
     if not hub.constants.HF_HUB_OFFLINE:
         try:
@@ -873,9 +822,9 @@ def _checkpoint_files(ckpt_dir: Path) -> list[Path]:
 
 def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig,
                     extra: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our name, tensor) from a (sharded) HF safetensors checkpoint, one at a time, all checked from the headers
-    first: a missing, unexpected or wrongly shaped tensor raises CheckpointError naming the first few. `extra`:
-    HF keys beyond the causal LM's that must be there too (a reward model's "score.weight"), yielded by that key."""
+    """(our name, tensor) from a (sharded) HF safetensors checkpoint, one at a time, all checked from the headers first
+    (CheckpointError names the first few missing, unexpected or misshaped). `extra`: HF keys beyond the causal LM's
+    that must be there too (a reward model's "score.weight"), yielded by that key."""
     ckpt_dir, expected = Path(ckpt_dir), expected_params(config)
     to_ours = {**{hf_name(n, config.family): n for n in expected}, **{key: key for key in extra}}
     plan, unexpected = {}, []         # plan: our name -> (file, key, shape in the file)
@@ -889,22 +838,19 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig,
             # some checkpoints (old OPT exports) omit the base model's "model." prefix
             hf_key = key if key in to_ours or "model." + key not in to_ours else "model." + key
             if config.tie_embeddings and hf_key == "lm_head.weight":
-                # a tied checkpoint's copy of the embedding: dropped (as HF does), unless a conversion that
-                # kept one name per shared tensor kept the tied matrix under this name only
+                # a tied copy of the embedding: dropped (as HF does), unless the checkpoint has it only under this name
                 plan.setdefault("tok_embeddings.weight", (file, key, shape))
             elif hf_key in to_ours:
                 plan[to_ours[hf_key]] = (file, key, shape)   # (the embedding itself wins over a tied head)
             elif not hf_key.endswith("rotary_emb.inv_freq"):   # a constant that old Llama exports saved
                 unexpected.append(key)
-    missing = [hf for hf, ours in to_ours.items() if ours not in plan]
-    bad_shape = [f"{key} {shape} (expected {expected[ours]})" for ours, (_, key, shape) in plan.items()
-                 if shape != expected.get(ours, shape)]
-    problems = [f"{what} {len(names)}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-                for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape))
-                if names]
-    if problems:
-        raise CheckpointError(f"checkpoint {ckpt_dir} does not fit its config ({config.family}): "
-                              + "; ".join(problems))
+    problems = {"missing": [hf for hf, ours in to_ours.items() if ours not in plan], "unexpected": unexpected,
+                "wrong shape": [f"{key} {shape} (expected {expected[ours]})" for ours, (_, key, shape) in plan.items()
+                                if shape != expected.get(ours, shape)]}
+    if any(problems.values()):
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not fit its config ({config.family}): " + "; ".join(
+            f"{what} {len(names)}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+            for what, names in problems.items() if names))
     for file in dict.fromkeys(file for file, _, _ in plan.values()):
         with safe_open(file, framework="pt") as f:
             yield from ((ours, f.get_tensor(key)) for ours, (in_file, key, _) in plan.items() if in_file == file)
@@ -920,9 +866,8 @@ def plain_name(name: str) -> str:
 def save_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path,
                        max_shard_bytes: int = 2 * 1024**3, extra: dict[str, torch.Tensor] | None = None,
                        hf_config: dict | None = None) -> Path:
-    """Write config.json and HF-named safetensors; more than one file (plus model.safetensors.index.json)
-    when the weights exceed max_shard_bytes. A tied lm_head is not written, as HF does. `extra`: more tensors by
-    their HF names (a reward model's score.weight); `hf_config`: keys that replace or add to config.json's."""
+    """Write config.json and HF-named safetensors, sharded above max_shard_bytes; a tied lm_head is not written, as
+    HF does. `extra`: more tensors by HF name (a reward model's score.weight); `hf_config`: keys for config.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     expected, ours = expected_params(config), {plain_name(n): t for n, t in state_dict.items()}

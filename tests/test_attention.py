@@ -78,8 +78,7 @@ def fake_kernel(monkeypatch):
     """Route the 'flash' / 'varlen' backend to a reference kernel, as if on a GPU."""
     def install(kernel):
         backend, fn = KERNELS[kernel]
-        monkeypatch.setattr(M, "_flash_varlen", lambda: fn)
-        monkeypatch.setattr(M, "_torch_varlen", lambda: (fn, set(inspect.signature(fn).parameters)))
+        monkeypatch.setattr(M, "_varlen_kernels", lambda: (fn, fn, set(inspect.signature(fn).parameters)))
         monkeypatch.setattr(M, "pick_attention", lambda requested, device, dtype, window: backend)
         return backend
     return install
@@ -175,10 +174,10 @@ def test_the_kernel_is_chosen_per_model_and_checked_by_name():
 @pytest.mark.parametrize("backend", ["flash", "varlen"])
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_gpu_backends_match_sdpa(backend, family):
-    if backend == "flash" and M._flash_varlen() is None:
+    flash, varlen, params = M._varlen_kernels()
+    if backend == "flash" and flash is None:
         pytest.skip("flash-attn not installed")
-    if backend == "varlen" and (M._torch_varlen() is None or
-                                (family == "mistral" and "window_size" not in M._torch_varlen()[1])):
+    if backend == "varlen" and (varlen is None or (family == "mistral" and "window_size" not in params)):
         pytest.skip("torch.nn.attention.varlen not available (or without a window before torch 2.12)")
     model = family_models()[family].cuda().to(torch.bfloat16)
     long = lambda n, start: [(start + 7 * i) % 90 for i in range(n)]       # a pair longer than a 128-row tile

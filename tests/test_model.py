@@ -3,6 +3,7 @@ chunked log-probs, generation, loading errors. Tiny random configs; transformers
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -438,6 +439,28 @@ def test_loading_errors(tmp_path):
         M.Transformer.from_pretrained(str(tmp_path))
 
 
+def test_config_values_of_the_wrong_type_name_the_key(tmp_path):
+    """A string, float or bool where config.json needs another type is a ModelConfigError naming key and value."""
+    family_models()["llama"].save_pretrained(tmp_path)
+    good = json.loads((tmp_path / "config.json").read_text())
+    for key, value, needle in (("hidden_size", "64", "hidden_size='64': must be an integer"),
+                               ("rms_norm_eps", "1e-5", "rms_norm_eps='1e-5': must be a number"),
+                               ("num_hidden_layers", 2.5, "num_hidden_layers=2.5: must be an integer"),
+                               ("tie_word_embeddings", "false", "tie_word_embeddings='false': must be true or false"),
+                               ("num_key_value_heads", True, "num_key_value_heads=True: must be an integer or null"),
+                               ("eos_token_id", [2, "3"], "eos_token_id=[2, '3']: must be an integer or a list"),
+                               ("rope_parameters", {"rope_type": "default", "rope_theta": "1e4"}, "rope_theta='1e4'"),
+                               ("hidden_act", ["silu"], "hidden_act=['silu']: must be a string"),
+                               ("num_attention_heads", None, "has no 'num_attention_heads'")):
+        (tmp_path / "config.json").write_text(json.dumps(dict(good, **{key: value})))
+        with pytest.raises(M.ModelConfigError, match=re.escape(needle)) as e:
+            M.Transformer.from_pretrained(str(tmp_path))
+        assert str(tmp_path / "config.json") in str(e.value)
+    (tmp_path / "config.json").write_text(json.dumps(dict(good, rms_norm_eps=1, eos_token_id=[2, 3])))
+    c = M.load_config(tmp_path)                                # an int where a float is meant is a number
+    assert (c.norm_eps, type(c.norm_eps), c.eos_token_id) == (1.0, float, [2, 3])
+
+
 def test_resolve_checkpoint_offline(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
@@ -532,7 +555,7 @@ def test_resolve_checkpoint_gated_and_no_safetensors(monkeypatch, tmp_path):
     assert "*.safetensors" in calls[0] and not any("bin" in p for p in calls[0])
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns, revision=None: str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns, revision: str(tmp_path))
     with pytest.raises(M.CheckpointError, match="has no \\*.safetensors"):
         M.resolve_checkpoint("someone/pickled-only")
 
