@@ -1,17 +1,12 @@
 """
-Distributed helpers for train.py and eval_rm.py: process group, rank-0 printing, the compute dtype and lr
-schedule both use, metric reduction, FSDP2 sharding and loading, atomic checkpoints, the Hugging Face export.
-
-The same code path serves three situations:
-  python train.py                        one process, no process group, plain module
-  torchrun --nproc_per_node 4 train.py   one node, FSDP2 over NCCL (GPU) or gloo (CPU)
-  torchrun --nnodes 2 ... train.py       several nodes (the checkpoint dir must be on a shared filesystem)
-
-Style after nanochat (get_dist_info / compute_init / print0) and torchtitan
-(meta device -> fully_shard per block then root -> to_empty -> load weights).
-FSDP2, DTensor and DCP are imported where they are used: torch.distributed.tensor alone takes
-over a second to import, which a command that never shards or checkpoints need not pay.
+Distributed helpers for train.py and eval_rm.py, one process (a plain module) or torchrun on one or more nodes (FSDP2
+over NCCL or gloo; OUT on a shared filesystem): process group, the lock on OUT, dtype and lr schedule, metric reduction,
+FSDP2 sharding (torchtitan's meta device -> fully_shard per block, then root -> to_empty -> load), atomic checkpoints,
+the HF export. FSDP2, DTensor and DCP are imported where used: torch.distributed.tensor alone takes a second to import.
 """
+import contextlib
+import datetime
+import fcntl
 import importlib
 import json
 import math
@@ -28,10 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model import plain_name, save_hf_state_dict   # plain_name: parameter names without the wrappers' prefixes
+from model import CheckpointError, plain_name, save_hf_state_dict   # plain_name: names without the wrappers' prefixes
 
 # -----------------------------------------------------------------------------
-# process group
+# process group, and one run per output directory
 
 
 def get_dist_info() -> tuple[bool, int, int, int]:
@@ -51,32 +46,73 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def compute_init(device_type: str = "auto") -> torch.device:
-    """Pick this process's device and, under torchrun, start the process group. Each process owns
-    cuda:LOCAL_RANK; set_device comes first so that NCCL binds its communicator to the right GPU. Without
-    torchrun nothing is initialised and the model stays a plain module."""
+# 10 minutes, NCCL's own default (gloo's is 30): longer than any phase where one rank works while the others wait
+# (rank 0 writing a 7B export, tokenizing a large data set), and a stalled peer still ends the job, not never
+COMM_TIMEOUT_S = 600.0
+_OUT_LOCK = None   # OUT/.lock, open and flock-ed while this process (rank 0) runs in OUT
+
+
+def compute_init(device_type: str = "auto", comm_timeout_s: float = COMM_TIMEOUT_S) -> torch.device:
+    """This process's device and, under torchrun, the process group (collectives fail after comm_timeout_s). Each
+    process owns cuda:LOCAL_RANK; set_device comes first so that NCCL binds its communicator to the right GPU."""
+    global COMM_TIMEOUT_S
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but torch sees no CUDA device on this machine")
     is_distributed, rank, local_rank, world_size = get_dist_info()
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
     if device_type == "cuda":
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device(device_type)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
     if is_distributed and not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        backend, COMM_TIMEOUT_S = "nccl" if device_type == "cuda" else "gloo", comm_timeout_s
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=comm_timeout_s))
         dist.barrier()
     return device
 
 
 def compute_cleanup() -> None:
+    global _OUT_LOCK
+    if _OUT_LOCK is not None:   # unlinked while still held, then released: a finished run leaves no lock behind
+        Path(_OUT_LOCK.name).unlink(missing_ok=True)
+        _OUT_LOCK = _OUT_LOCK.close()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def lock_out_dir(out: Path, device) -> str:
+    """Rank 0 flocks OUT/.lock for the run's life, writing its pid, host and start into it; returns "", or on every rank
+    what the file says of the process holding it. The kernel drops a dead process's flock: it never blocks."""
+    global _OUT_LOCK
+    holder, path = "", Path(out) / ".lock"
+    if get_dist_info()[1] == 0:
+        f = open(path, "a+", buffering=1)   # line-buffered: the holder line is on disk once printed
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:   # unlinked by its holder's compute_cleanup
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            holder = f.seek(0) or f.read().strip() or "another process"
+            f.close()
+        else:
+            f.truncate(0)
+            print(f"pid {os.getpid()} on host {os.uname().nodename} (started {datetime.datetime.now():%F %T})", file=f)
+            _OUT_LOCK = f
+    failed = all_reduce_max(bool(holder), device)   # every rank takes part: all learn rank 0's answer
+    return holder or ("another run" if failed else "")
+
+
+def fault_line(e: BaseException) -> str | None:
+    """One line for a fault of the machine, not a bug (else None): an OSError (a full disk, an unwritable path), or
+    a collective that timed out or lost its peer (NCCL raises a DistError, gloo a RuntimeError that says so)."""
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    gloo = any(s in text for s in ("Timed out", "Connection closed by peer", "Connection reset by peer"))
+    if isinstance(e, dist.DistError) or (dist.is_initialized() and gloo and not isinstance(e, OSError)):
+        return (f"rank {get_dist_info()[1]}: a collective failed ({text}): another rank stalled or died; the "
+                f"process-group timeout is {COMM_TIMEOUT_S:g} s (train.py --comm-timeout)")
+    return text if isinstance(e, OSError) else None
 
 
 def barrier() -> None:
@@ -92,9 +128,8 @@ def resolve_dtype(name: str, device) -> torch.dtype:
 
 
 def lr_lambda(schedule: str, warmup: int, total_steps: int):
-    """Multiplier of the peak lr at optimizer step `step` (0-based), exactly as transformers'
-    get_{cosine,inverse_sqrt,constant}_schedule(_with_warmup) that the official scripts ran: a linear
-    warmup step / warmup (so the first step has lr 0), then cosine to 0, inverse_sqrt or constant."""
+    """Multiplier of the peak lr at optimizer step `step` (0-based), exactly as transformers' get_{cosine,inverse_sqrt,
+    constant}_schedule(_with_warmup): a linear warmup step / warmup (the first step has lr 0), then the schedule."""
     def f(step: int) -> float:
         if step < warmup:
             return step / warmup
@@ -102,8 +137,7 @@ def lr_lambda(schedule: str, warmup: int, total_steps: int):
             progress = (step - warmup) / max(1, total_steps - warmup)
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         if schedule == "inverse_sqrt":
-            # continuous at the end of warmup: 1 / sqrt((step - warmup + t) / t) with the time scale t = warmup,
-            # and without warmup t = 10_000 (transformers' default), not a decay from step 1
+            # continuous after warmup: 1 / sqrt((step - warmup + t) / t), t = warmup, or 10_000 without (transformers')
             timescale = warmup or 10_000
             return 1.0 / math.sqrt((step - warmup + timescale) / timescale)
         return 1.0
@@ -114,58 +148,44 @@ def lr_lambda(schedule: str, warmup: int, total_steps: int):
 # metric reduction
 
 
-def all_reduce_sum(values: dict[str, float], device) -> dict[str, float]:
-    """Sum each value (a number or a 0-d tensor) over ranks: one collective and one host sync for the dict."""
+def all_reduce_sum(values: dict[str, float], device, op=dist.ReduceOp.SUM) -> dict[str, float]:
+    """Sum (or op) each value (a number or a 0-d tensor) over ranks: one collective and one host sync for the dict."""
     keys = sorted(values)
     t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in keys])
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
     return dict(zip(keys, t.tolist()))
 
 
 def all_reduce_metrics(metrics: dict[str, float], count: float, device) -> dict[str, float]:
-    """Count-weighted mean of each metric over ranks, sum_r(m_r * n_r) / sum_r(n_r): the metric of the global
-    batch (for means over pairs), not a mean of rank means."""
+    """Count-weighted mean over ranks, sum_r(m_r * n_r) / sum_r(n_r): the global batch's metric, not a mean of means."""
     sums = all_reduce_sum({**{k: v * count for k, v in metrics.items()}, "__count": count}, device)
-    total = sums.pop("__count")
-    return {k: v / max(total, 1e-12) for k, v in sums.items()}
+    return {k: v / max(sums["__count"], 1e-12) for k, v in sums.items() if k != "__count"}
 
 
 def all_reduce_max(value: float, device) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return all_reduce_sum({"max": float(value)}, device, dist.ReduceOp.MAX)["max"]
 
 
 # -----------------------------------------------------------------------------
 # FSDP2 sharding and weight loading
 
 
-def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = None,
-                reduce_dtype: torch.dtype | None = torch.float32,
+def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = None, reduce_dtype=torch.float32,
                 activation_checkpointing: bool = False) -> nn.Module:
-    """fully_shard each transformer block, then the root (embedding, final norm, lm_head), as torchtitan does.
-
-    Call it on the meta device: sharding only rewrites parameter metadata, nothing is allocated until
-    to_empty(). One FSDP unit per block: one block's full weights are gathered at a time. param_dtype is the
-    compute dtype (bf16 on GPU); master weights stay fp32, gradients are reduced in reduce_dtype (fp32).
-    With no process group (one process) the model is returned unsharded."""
-    # model.py recomputes each block in backward when this flag is set (torch.utils.checkpoint around
-    # the block call, which runs FSDP's unshard hook again during the recompute)
+    """fully_shard each block (one block's full weights gathered at a time), then the root, as torchtitan does, on the
+    meta device. param_dtype is the compute dtype; master weights stay fp32. Without a process group: unsharded."""
+    # model.py recomputes each block in backward when set (FSDP's unshard hook runs again in the recompute)
     model.activation_checkpointing = activation_checkpointing
     if not dist.is_initialized():
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    n = len(model.layers)
     for i, block in enumerate(model.layers):
         # the last block's weights are needed again at the start of backward: keep them gathered
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < n - 1)
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
     fully_shard(model, mp_policy=mp)
-    # FSDP hooks only wrap forward(); the ORPO step calls these two methods instead, and
-    # both use root-owned weights (embedding in packed_hidden, lm_head in token_logps).
+    # FSDP hooks wrap forward() only; the ORPO step calls these two, which use root-owned weights (embedding, lm_head)
     register_fsdp_forward_method(model, "packed_hidden")
     register_fsdp_forward_method(model, "token_logps")
     return model
@@ -173,10 +193,8 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype | None = None,
 
 @torch.no_grad()
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], where: str = "checkpoint") -> None:
-    """Copy full tensors, one at a time, into this rank's local shards of the parameters. `tensors` yields
-    (our parameter name, full tensor), e.g. model.iter_hf_tensors streaming from safetensors: one full tensor
-    is in host memory at a time. A DTensor parameter gets its chunk (distribute_tensor with src_data_rank=None
-    slices locally, no communication). Every parameter must be loaded: a silent partial load is an error."""
+    """Copy full tensors (name, tensor), e.g. streamed by model.iter_hf_tensors, one at a time into this rank's shards
+    (distribute_tensor with src_data_rank=None slices locally). A silent partial load is an error."""
     # state_dict(keep_vars=True): parameters and persistent buffers, by the names a checkpoint uses
     params = {plain_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
     seen = set()  # ids, so that tied weights (one tensor, two names) count as loaded once either is
@@ -185,10 +203,9 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
             raise ValueError(f"{where} has tensor {name!r} which the model does not have")
         p = params[name]
         if tuple(full.shape) != tuple(p.shape):
-            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(full.shape)}, the model expects {tuple(p.shape)}")
+            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(full.shape)}, the model {tuple(p.shape)}")
         if hasattr(p, "device_mesh"):  # DTensor: keep only our shard
             from torch.distributed.tensor import distribute_tensor
-
             local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
             p.to_local().copy_(local.to_local())
         else:
@@ -200,21 +217,15 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate storage for a meta-device (possibly sharded) model on `device`, uninitialised.
-
-    to_empty gives every module its own new tensor, which unties a tied lm_head on a plain module;
-    re-tie it. (Under FSDP2 the shared parameter is one sharded parameter and stays shared.)
-    """
+    """Allocate a meta-device model on `device`, uninitialised; re-tie a plain module's lm_head (to_empty unties it)."""
     model.to_empty(device=device)
     if not dist.is_initialized() and hasattr(model, "tie_weights"):
         model.tie_weights()
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: torch.distributed.checkpoint for the sharded model + optimizer, small per-rank files for the
-# rest; atomic through a temporary dir + rename. Nothing is read with plain pickle, which can run any code:
-# the RNG states are JSON, DCP's tensors load with weights_only, and its .metadata (a pickle DCP writes
-# itself) through an unpickler that admits only DCP's metadata classes.
+# checkpoints: DCP for the sharded model + optimizer, JSON for the rest; atomic through a tmp dir + rename. No plain
+# pickle, which can run any code: DCP's .metadata (its own pickle) is read by an unpickler admitting only its classes.
 
 # Without a process group DCP warns that it "assumes a single process": that is intended here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -227,155 +238,172 @@ class CheckpointUnpickler(pickle.Unpickler):
     """Admits what DCP's metadata is made of (its own classes, torch.Size, dtypes, layouts), nothing else; a
     module is imported only once it is known to be one of those (importing a named module can run code)."""
 
+    class Forbidden(pickle.UnpicklingError):   # a planted pickle: refused, never taken for a torn file and skipped
+        pass
+
     def find_class(self, module, name):
         if "." not in name and module in {m for m, _ in SAFE_GLOBALS} | {"torch", DCP_METADATA}:
             obj = getattr(importlib.import_module(module), name, None)
             if ((module, name) in SAFE_GLOBALS or (module == "torch" and isinstance(obj, torch.dtype))
                     or (module == DCP_METADATA and isinstance(obj, type) and obj.__module__ == module)):
                 return obj
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
+        raise self.Forbidden(f"{module}.{name} is not part of checkpoint metadata")
 
 
 def safe_reader(ckpt_dir: Path):
-    """A DCP FileSystemReader whose metadata is read with CheckpointUnpickler, before DCP starts: a planted or
-    garbled .metadata is a ValueError naming it, and nothing of the checkpoint is loaded."""
+    """A DCP reader of .metadata by CheckpointUnpickler (a planted pickle: CheckpointError; garbage: ValueError)."""
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
     path = Path(ckpt_dir) / ".metadata"
     try:
         with open(path, "rb") as f:
             metadata = CheckpointUnpickler(f).load()
-    except Exception as e:   # a planted pickle, a torn or garbled file, a missing one
-        raise ValueError(f"{path} is not DCP checkpoint metadata ({type(e).__name__}: {e}); nothing was loaded "
-                         f"from it") from None
-
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-    return SafeReader(str(ckpt_dir))
+    except Exception as e:
+        raise (CheckpointError if isinstance(e, CheckpointUnpickler.Forbidden) else ValueError)(
+            f"{path} is not DCP checkpoint metadata ({type(e).__name__}: {e}); nothing was loaded from it") from None
+    reader = FileSystemReader(str(ckpt_dir))
+    reader.read_metadata = lambda *args, **kwargs: metadata   # in place of DCP's pickle.load
+    return reader
 
 
-def _rng_state() -> dict:
-    """This rank's RNG states as JSON-able lists (python's Mersenne state, numpy's, torch's bytes)."""
-    _, key, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [key.tolist(), pos, has_gauss, gauss],
-             "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return state
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", np.array(key, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+def checkpoint_problem(ckpt_dir: Path) -> str | None:
+    """Why ckpt_dir cannot be resumed from (a file missing, garbled, cut short by a full disk), or None if intact."""
+    try:
+        metadata = safe_reader(ckpt_dir).read_metadata()
+        for path in [ckpt_dir / "trainer_state.json", *ckpt_dir.glob("rng_rank*.json")]:   # (a missing one: load says)
+            read_json(path)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError) as e:
+        return str(e)
+    items = metadata.storage_data.values()
+    for name in sorted({item.relative_path for item in items}):   # each file must reach the end of its last item
+        size = max(item.offset + item.length for item in items if item.relative_path == name)
+        have = (ckpt_dir / name).stat().st_size if (ckpt_dir / name).is_file() else None
+        if have is None or have < size:
+            return f"{ckpt_dir / name} " + ("is missing" if have is None else f"has {have} bytes of the {size} needed")
+    return None
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, keep: int = 2) -> Path:
-    """Write ckpt_root/step_XXXXXXX atomically and point ckpt_root/latest at it.
+def find_resumable_checkpoint(ckpt_root: Path) -> tuple[Path | None, dict | None]:
+    """The newest intact checkpoint and its trainer state ((None, None) if there are none): `latest`'s, else the older
+    step_* dirs newest first, each damaged one skipped with a line saying why. None intact is an error."""
+    ckpt_root, skipped = Path(ckpt_root), []
+    done = _complete_checkpoints(ckpt_root)[::-1]
+    if (ckpt_root / "latest").is_file() and (target := ckpt_root / (ckpt_root / "latest").read_text().strip()) in done:
+        done = [target] + [p for p in done if int(p.name[5:]) < int(target.name[5:])]
+    for ckpt in done:
+        if (problem := checkpoint_problem(ckpt)) is None:
+            for name, why in skipped:
+                print0(f"resume: skipped the damaged checkpoint {name} ({why}); using {ckpt.name}")
+            return ckpt, read_json(ckpt / "trainer_state.json")
+        skipped.append((ckpt.name, problem))
+    if skipped:
+        raise CheckpointError(f"{ckpt_root} holds no intact checkpoint: " + "; ".join(f"{n}: {w}" for n, w in skipped))
+    return None, None
 
-    All ranks write into a temporary directory (DCP shards for model + optimizer, one RNG-state JSON per rank,
-    and from rank 0 trainer_state.json: step, scheduler, data position). After a barrier rank 0 renames the
-    directory (atomic on POSIX) and rewrites `latest` (via os.replace): a crash at any point leaves the old
-    checkpoint or the new one, never a half-written one under a final name; leftover tmp-* dirs are ignored
-    by load and cleaned up here. Then this run's (trainer_state["run_id"]) older checkpoints are pruned to `keep`.
-    """
+
+def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, keep=2) -> Path:
+    """Write step_XXXXXXX atomically: all ranks write tmp-step_XXXXXXX (DCP shards, RNG JSONs, trainer_state.json), then
+    rank 0 renames it and `latest` (os.replace): a crash or a failed write leaves the old one. Prunes to `keep`."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException   # a BaseException
     from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    _, rank, _, _ = get_dist_info()
-    ckpt_root = Path(ckpt_root)
-    final = ckpt_root / f"step_{step:07d}"
-    tmp = ckpt_root / f"tmp-step_{step:07d}"
+    rank, root = get_dist_info()[1], Path(ckpt_root)
+    final, tmp = root / f"step_{step:07d}", root / f"tmp-step_{step:07d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
-    if rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    barrier()  # every rank has finished writing before the directory becomes visible
+    try:   # DCP agrees over ranks: a write that fails on one is a CheckpointException on all
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        _, key, pos, has_gauss, gauss = np.random.get_state()     # this rank's RNG states as JSON-able lists
+        rng = {"python": random.getstate(), "numpy": [key.tolist(), pos, has_gauss, gauss],
+               "torch": torch.get_rng_state().tolist(),
+               **({"cuda": torch.cuda.get_rng_state().tolist()} if torch.cuda.is_available() else {})}
+        (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng))
+        if rank == 0:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    except (Exception, CheckpointException) as e:
+        raise write_error("checkpoint", tmp, e) from e
+    barrier()  # every rank has written its part before the directory becomes visible
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        pointer = ckpt_root / "latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, ckpt_root / "latest")
-        _prune(ckpt_root, keep, final, trainer_state.get("run_id", ""))
+        (root / "latest.tmp").write_text(final.name)
+        os.replace(root / "latest.tmp", root / "latest")
+        with contextlib.suppress(ValueError):   # an older one's garbled trainer_state.json: prune nothing this time
+            _prune(root, keep, final, trainer_state.get("run_id", ""))
     barrier()
     return final
 
 
 def _complete_checkpoints(ckpt_root: Path) -> list[Path]:
     """step_* dirs that were renamed into place (trainer_state.json is written before the rename), oldest first."""
-    done = [p for p in Path(ckpt_root).glob("step_*")
-            if p.name[5:].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(done, key=_step)
-
-
-def _step(ckpt_dir: Path) -> int:
-    return int(ckpt_dir.name.split("_")[1])
-
-
-def read_trainer_state(ckpt_dir: Path) -> dict:
-    """The small JSON part of a checkpoint (step, world size, schedule, data position, run id)."""
-    return json.loads((Path(ckpt_dir) / "trainer_state.json").read_text())
+    return sorted((p for p in Path(ckpt_root).glob("step_*") if p.name[5:].isdigit()
+                   and (p / "trainer_state.json").is_file()), key=lambda p: int(p.name[5:]))
 
 
 def _prune(ckpt_root: Path, keep: int, current: Path, run_id: str) -> None:
-    """Keep `current` (which `latest` points to) and the keep - 1 newest checkpoints of the same run before
-    it; delete this run's older ones and debris of interrupted saves. Another run's checkpoints and later
-    steps are never touched: a step number alone does not say which run, or which trajectory, wrote it."""
-    ours = [p for p in _complete_checkpoints(ckpt_root)
-            if _step(p) < _step(current) and read_trainer_state(p).get("run_id", "") == run_id]
+    """Keep `current` and the keep - 1 newest checkpoints of its run before it; delete older ones and tmp-*
+    debris. Another run's checkpoints and later steps stay: a step number does not say which trajectory wrote it."""
+    ours = [p for p in _complete_checkpoints(ckpt_root) if int(p.name[5:]) < int(current.name[5:])
+            and read_json(p / "trainer_state.json").get("run_id", "") == run_id]
     for old in ours[:max(0, len(ours) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for tmp in ckpt_root.glob("tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def find_latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The checkpoint `latest` points to, else the newest complete step_* dir, else None."""
-    ckpt_root = Path(ckpt_root)
-    pointer = ckpt_root / "latest"
-    if pointer.is_file():
-        target = ckpt_root / pointer.read_text().strip()
-        if (target / "trainer_state.json").is_file():
-            return target
-    done = _complete_checkpoints(ckpt_root)
-    return done[-1] if done else None
-
-
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG state in place; return trainer_state. Only on the world
-    size that wrote it (train.py checks up front): DCP could reshard the weights, but the data order (batch
-    b goes to rank b % world_size) and the per-rank RNG states could not follow the run's trajectory."""
+    """Restore model, optimizer and this rank's RNG state in place; return trainer_state. Only on the world size that
+    wrote it (train.py checks): DCP could reshard the weights, not the data order or the per-rank RNG states."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     ckpt_dir, rank = Path(ckpt_dir), get_dist_info()[1]
-    trainer_state, rng_file = read_trainer_state(ckpt_dir), ckpt_dir / f"rng_rank{rank}.json"
+    trainer_state, rng_file = read_json(ckpt_dir / "trainer_state.json"), ckpt_dir / f"rng_rank{rank}.json"
     try:   # an older checkpoint kept its RNG state as a pickle (rng_rank*.pt), which is never loaded
         rng = json.loads(rng_file.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {rng_file} ({type(e).__name__}); a checkpoint written before the RNG "
                          f"states were JSON cannot be resumed (a pickle can run code)") from None
     reader = safe_reader(ckpt_dir)                           # checks .metadata before DCP reads anything
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
     dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
+    # every rank checks its shards; the sum over ranks names each bad tensor on every rank, so all of them stop
+    local = {k: float(not torch.isfinite(v.to_local() if hasattr(v, "to_local") else v).all())
+             for k, v in state["model"].items() if torch.is_tensor(v)}
+    bad = [plain_name(k) for k, v in all_reduce_sum(local, next(model.parameters()).device).items() if v]
+    if bad:
+        raise CheckpointError(f"{ckpt_dir}: tensor {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} "
+                              f"has NaN/inf values; remove this checkpoint to resume from the one before")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    _set_rng_state(rng)
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    key, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state(("MT19937", np.array(key, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
     return trainer_state
+
+
+def write_error(what: str, target: Path, e: BaseException) -> OSError:
+    """One line: the path and the first OSError behind e (DCP hides it in a CheckpointException and torch.save's
+    'unexpected pos' error); the half-written target is removed."""
+    shutil.rmtree(target, ignore_errors=True)
+    todo = [e]
+    while todo and not isinstance(todo[0], OSError):
+        x = todo.pop(0)
+        todo += [c for c in (x.__cause__, x.__context__, *(f for f, _ in getattr(x, "failures", {}).values())) if c]
+    cause = todo[0] if todo else f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    return OSError(f"cannot write {what} to {target}: {cause}")
 
 
 # -----------------------------------------------------------------------------
@@ -385,26 +413,26 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer) -> dict:
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Gather the full (unsharded) fp32 state dict onto rank 0's CPU; other ranks get {}. A collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {plain_name(k): v for k, v in sd.items()} if is_master() else {}
 
 
 def export_hf(model: nn.Module, config, tokenizer, out_dir: Path, files: dict[str, str] | None = None) -> Path:
-    """Write out_dir in Hugging Face format (config.json, *.safetensors, tokenizer files, and `files`: {name: text},
-    e.g. README.md, generation_config.json). A collective (the gather); rank 0 writes into a tmp dir, then renames
-    it: a reader never sees half an export."""
+    """Write out_dir in Hugging Face format (config.json, *.safetensors, tokenizer files, `files`: {name: text}). A
+    collective (the gather); rank 0 writes into a tmp dir, then renames it: a reader never sees half an export."""
     out_dir = Path(out_dir)
-    sd = full_state_dict(model)
+    sd, tmp = full_state_dict(model), out_dir.with_name(out_dir.name + ".tmp")
     if is_master():
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_hf_state_dict(sd, config, tmp)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_hf_state_dict(sd, config, tmp)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
+        except Exception as e:
+            raise write_error("export", tmp, e) from e
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     barrier()

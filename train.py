@@ -126,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--log-every", type=int, default=1, help="log a metrics line every N steps")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep (at least 1)")
     g.add_argument("--no-export", action="store_true", help="skip the final HF export (and the best/ export)")
+    g.add_argument("--comm-timeout", type=float, default=dist.COMM_TIMEOUT_S,
+                   help="seconds a collective waits for the other ranks before the job stops (a stalled or dead rank)")
     args = p.parse_args(argv)
     # the defaults that depend on the model: the tiny preset trains from scratch in under a minute,
     # the others fine-tune with the official Mistral-ORPO recipe
@@ -179,8 +181,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
-    latest = dist.find_latest_checkpoint(out / "ckpt")
-    saved = None if latest is None else dist.read_trainer_state(latest)
+    latest, saved = dist.find_resumable_checkpoint(out / "ckpt")   # the newest intact one; damaged ones are named
     if saved and not args.resume:   # a fresh start beside another run's checkpoints would mix them (pruning, latest)
         raise UserError(f"--out {out} already holds checkpoints of an earlier run (step {saved['step']}); "
                         f"pass --resume to continue it, or choose another --out")
@@ -378,7 +379,7 @@ class Trainer:
 
     def __init__(self, args):
         self.args, self.t_start = args, time.time()
-        self.device = dist.compute_init(args.device)
+        self.device = dist.compute_init(args.device, args.comm_timeout)
         _, self.rank, _, self.world_size = dist.get_dist_info()
         ckpt, saved = check_args(args, self.world_size)
         compute_dtype = dist.resolve_dtype(args.dtype, self.device)
@@ -392,6 +393,8 @@ class Trainer:
         self.out, self.metrics_path = Path(args.out), Path(args.out) / "metrics.jsonl"
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+        if holder := dist.lock_out_dir(self.out, self.device):   # one run per --out (two would interleave their files)
+            raise UserError(f"--out {self.out} is in use by {holder}; wait for it or choose another --out")
         train_pairs, eval_pairs = load_data(args, self.tok, ckpt_dir, self.rank, resumed=ckpt is not None)
         self.batcher, self.eval_batcher, steps_per_epoch = make_batchers(args, train_pairs, eval_pairs, self.rank,
                                                                          self.world_size)
@@ -436,8 +439,14 @@ class Trainer:
                                                                                     "bad_steps"))
         self.run_id = saved.get("run_id", "")
         lines = self.metrics_path.read_text().splitlines() if self.rank == 0 and self.metrics_path.exists() else []
+        n_lines = len(lines)
+        try:
+            json.loads(lines[-1] if lines and lines[-1].strip() else "{}")
+        except ValueError:   # the last record of a run killed while writing it
+            print0(f"{self.metrics_path}: dropped its torn last line (written by an interrupted run)")
+            lines.pop()
         keep = [l for l in lines if l.strip() and json.loads(l)["step"] <= self.step]
-        if len(keep) < len(lines):   # drop the records written after the checkpoint
+        if len(keep) < n_lines:   # drop the records written after the checkpoint
             self.metrics_path.write_text("".join(l + "\n" for l in keep))
         print0(f"resumed from {ckpt} at step {self.step}")
 
@@ -577,6 +586,11 @@ def main(argv=None) -> int:
         # bad input is the same on every rank: said once; anything else may be one rank's alone
         (print0 if isinstance(e, BAD_INPUT) else print)(f"error: {msg}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:   # a full disk, an unwritable --out, a stalled or dead rank: no traceback
+        if os.environ.get("ORPO_DEBUG") or not (line := dist.fault_line(e)):
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     finally:
         dist.compute_cleanup()
 
