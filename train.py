@@ -2,7 +2,7 @@
 Train a causal language model with ORPO (Hong, Lee & Thorne, 2024, arXiv 2403.07691).
 
     python train.py                                          # tiny model, synthetic pairs, CPU, under a minute
-    python train.py --model mistral-7b --data uf.parquet     # one GPU
+    python train.py --model mistral-7b                       # one GPU, the paper's UltraFeedback and lambda
     torchrun --nproc_per_node 4 train.py --model mistral-7b --data uf.parquet --lam 0.1      # FSDP2, 4 GPUs
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
 
@@ -43,6 +43,7 @@ PAPER_LR = 5e-6           # official Mistral-ORPO scripts
 MAX_BAD_STEPS = 5         # consecutive NaN/inf steps (each skipped) before the run stops
 UF, UF_SPLITS = "HuggingFaceH4/ultrafeedback_binarized", ("train_prefs", "test_prefs")   # the paper's (Mistral-ORPO-α)
 PAPER_LAM = {"mistral-7b": 0.1, "llama2-7b": 0.2, "phi-2": 0.25}   # the paper's lambdas; the official scripts': 0.1
+MODULES = ("torch", "safetensors", "tokenizers", "huggingface_hub")   # whose versions run.json records
 
 
 class UserError(ValueError):
@@ -60,75 +61,65 @@ BAD_INPUT = (UserError, data.DataError, model_lib.CheckpointError, model_lib.Mod
 # -----------------------------------------------------------------------------
 # command line
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):   # every default, but no "None" where the help explains a model-dependent one
-        explained = action.default is None and "default" in (action.help or "")
-        return action.help if explained else super()._get_help_string(action)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train.py", formatter_class=HelpFormatter,
+    p = argparse.ArgumentParser(prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="ORPO: SFT + lam * odds-ratio penalty, one stage, no reference model.")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="a model.py preset (tiny, mistral-7b, ...), a local HF dir or a Hub id")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto = bfloat16 on CUDA, else float32")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    g.add_argument("--attention", default="auto", choices=model_lib.KERNELS, help="auto = flash, else varlen, else sdpa (CPU)")
-    g.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
-    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help=f"parquet file, folder, glob, Hub id or synthetic; default: {UF}, synthetic for tiny")
-    g.add_argument("--split", default=None, help=f"split of --data to train on; default {UF_SPLITS[0]} for {UF}")
-    g.add_argument("--eval-data", default=None, help="held-out pairs, in the forms of --data (a Hub id needs --eval-split)")
-    g.add_argument("--eval-split", default=None, help=f"split of --eval-data, else of --data; default {UF_SPLITS[1]} for UF")
-    g.add_argument("--eval-fraction", type=float, default=0.05, help="else hold out this fraction of the training pairs")
-    g.add_argument("--tokenizer", default=None, help="tokenizer dir; default: the model's (synthetic for tiny)")
-    g.add_argument("--template", default="auto", help="auto (HH-RLHF raw, else the tokenizer's or Zephyr's) | zephyr | raw | a .jinja file")
-    g.add_argument("--columns", default=None, help="the data's column names, e.g. prompt=q,chosen=good,rejected=bad or conversations=turns")
-    g.add_argument("--max-length", type=int, default=2048, help="max tokens of prompt + response (paper: 2048 UltraFeedback, 1024 HH-RLHF)")
-    g.add_argument("--max-prompt-length", type=int, default=1024, help="pairs with longer prompts are dropped (paper)")
-    g.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=True, help="prompt tokens in L_SFT (official code, TRL)")
-    g.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=True, help="pack [prompt|chosen|rejected]: same loss")
-    g.add_argument("--synthetic-pairs", type=int, default=2000, help="size of the synthetic train set")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lam", type=float, default=None, help="weight of L_OR (0: SFT); default: the paper's, 0.2 llama2-7b, 0.25 phi-2, else 0.1")
-    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate; default {PAPER_LR} (official scripts), {TINY_LR} for --model tiny")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the training pairs; default 5 (official scripts), 3 for tiny")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=None, help="pairs per optimizer step, over all ranks and micro-batches; default 32, 16 for tiny")
-    g.add_argument("--max-tokens", type=int, default=None, help="instead of --batch-size: tokens per micro-batch per rank (length-grouped)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps; default 200 (official), 10 for tiny")
-    g.add_argument("--warmup-ratio", type=float, default=None, help="instead of --warmup-steps: fraction of total steps, rounded up")
-    g.add_argument("--schedule", default="cosine", choices=["cosine", "inverse_sqrt", "constant"], help="cosine: paper; inverse_sqrt: official")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official scripts: 0)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 disables clipping")
-    g.add_argument("--seed", type=int, default=42, help="seed of the random init (tiny) and of the data order")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="out", help="output dir: metrics.jsonl, run.json, curves.png, ckpt/, best/, final/")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/latest exactly (same data order, RNG)")
-    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps and at the end (0: only then); default 500, 50 for tiny")
-    g.add_argument("--eval-every", type=int, default=None, help="eval every N steps and at the end (0: only then); default 500, 50 for tiny")
-    g.add_argument("--log-every", type=int, default=1, help="log a metrics line every N steps")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep (at least 1)")
-    g.add_argument("--no-export", action="store_true", help="skip the final HF export (and the best/ export)")
-    g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also log to TensorBoard or W&B")
+    p.add_argument("--model", default="tiny", help="a model.py preset (tiny, mistral-7b, ...), a local HF dir or a Hub id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto = bfloat16 on CUDA, else float32")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+    p.add_argument("--attention", default="auto", choices=model_lib.KERNELS, help="auto = flash, else varlen, else sdpa (CPU)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--data", help=f"pairs: parquet file, folder, glob, Hub id or synthetic (data.py's); a checkpoint's: {UF}")
+    p.add_argument("--split", help=f"split of --data to train on ({UF_SPLITS[0]} for {UF})")
+    p.add_argument("--eval-data", help="held-out pairs, in the forms of --data (a Hub id needs --eval-split)")
+    p.add_argument("--eval-split", help=f"split of --eval-data, else of --data ({UF_SPLITS[1]} for {UF})")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="else hold out this fraction of the training pairs")
+    p.add_argument("--tokenizer", help="tokenizer dir; None: the model's (synthetic for tiny)")
+    p.add_argument("--template", default="auto", help="auto (HH-RLHF raw, else the tokenizer's or Zephyr's) | zephyr | raw | a .jinja file")
+    p.add_argument("--columns", help="the data's column names, e.g. prompt=q,chosen=good,rejected=bad or conversations=turns")
+    p.add_argument("--max-length", type=int, default=2048, help="max tokens of prompt + response (paper: 2048 UltraFeedback, 1024 HH-RLHF)")
+    p.add_argument("--max-prompt-length", type=int, default=1024, help="pairs with longer prompts are dropped (paper)")
+    p.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=True, help="prompt tokens in L_SFT (official code, TRL)")
+    p.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=True, help="pack [prompt|chosen|rejected]: same loss")
+    p.add_argument("--synthetic-pairs", type=int, default=2000, help="size of the synthetic train set")
+    p.add_argument("--lam", type=float, help="weight of L_OR (0: SFT); the paper's: 0.1 mistral-7b, 0.2 llama2-7b, 0.25 phi-2")
+    p.add_argument("--lr", type=float, help=f"peak learning rate; {PAPER_LR} for a checkpoint (official scripts)")
+    p.add_argument("--epochs", type=float, help="passes over the training pairs; 5 for a checkpoint (official scripts)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, help="pairs per optimizer step, over all ranks and micro-batches; 32 official")
+    p.add_argument("--max-tokens", type=int, help="instead of --batch-size: tokens per micro-batch per rank (length-grouped)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps; 200 for a checkpoint (official scripts)")
+    p.add_argument("--warmup-ratio", type=float, help="instead of --warmup-steps: fraction of total steps, rounded up")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "inverse_sqrt", "constant"], help="cosine: paper; inverse_sqrt: official")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official scripts: 0)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 disables clipping")
+    p.add_argument("--seed", type=int, default=42, help="seed of the random init (tiny) and of the data order")
+    p.add_argument("--out", default="out", help="output dir: metrics.jsonl, run.json, curves.png, ckpt/, best/, final/")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/latest exactly (same data order, RNG)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps and at the end (0: only then); 500 for a checkpoint")
+    p.add_argument("--eval-every", type=int, help="eval every N steps and at the end (0: only then); 500 for a checkpoint")
+    p.add_argument("--log-every", type=int, default=1, help="log a metrics line every N steps")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep (at least 1)")
+    p.add_argument("--no-export", action="store_true", help="skip the final HF export (and the best/ export)")
+    p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also log to TensorBoard or W&B")
+    # the model's defaults (--help shows them): the tiny preset trains from scratch in under a minute on the synthetic
+    # pairs; a checkpoint fine-tunes as the official scripts did, on the paper's UltraFeedback (as Mistral-ORPO-α)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="tiny")
+    model = pre.parse_known_args(argv)[0].model
+    tiny = model == "tiny"
+    p.set_defaults(data="synthetic" if tiny else UF, lam=PAPER_LAM.get(model, 0.1), lr=TINY_LR if tiny else PAPER_LR,
+                   epochs=3 if tiny else 5, batch_size=16 if tiny else 32, warmup_steps=10 if tiny else 200,
+                   save_every=50 if tiny else 500, eval_every=50 if tiny else 500)
     args = p.parse_args(argv)
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:   # optional: said before any work
         p.exit(2, f"error: --report-to {args.report_to}: {args.report_to} is not installed (pip install {args.report_to})\n")
-    # the model's defaults: the tiny preset trains from scratch in under a minute, the others as the official scripts
-    tiny = args.model == "tiny"
-    if args.data is None and not tiny:   # a real checkpoint trains on the paper's UltraFeedback, as Mistral-ORPO-α did
-        args.data, args.split = UF, args.split or UF_SPLITS[0]
+    if args.data == UF:   # its splits, as the paper: train_prefs, evaluated on test_prefs
+        args.split = args.split or UF_SPLITS[0]
         args.eval_split = args.eval_split or (UF_SPLITS[1] if args.eval_data is None else None)
     args.data = None if args.data == "synthetic" else args.data   # None: the synthetic pairs
-    defaults = dict(lr=TINY_LR if tiny else PAPER_LR, epochs=3 if tiny else 5, batch_size=16 if tiny else 32,
-                    warmup_steps=10 if tiny else 200, save_every=50 if tiny else 500, eval_every=50 if tiny else 500,
-                    lam=PAPER_LAM.get(args.model, 0.1))
-    vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     return args
 
 
@@ -238,18 +229,15 @@ def load_data(args, tok, ckpt_dir, rank: int, resumed: bool):
     if rank == 0 and not (resumed and run_json.exists()):   # what eval_rm.py (`demo --root OUT`) and the exports read
         files = dict.fromkeys(f for src, split in ((origin["data"], args.split), (origin["eval_data"], args.eval_split))
                               if src for f in data.resolve_files(src, split))
-        git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                                     capture_output=True, text=True)
-        run = {"model": args.model, "seed": args.seed, "template": args.template,
+        run = {**{k: vars(args)[k] for k in ("model", "seed", "template", "max_length", "max_prompt_length")},
                "tokenizer": args.tokenizer or ("synthetic" if ckpt_dir is None else None),   # null: --model's own
                "train_data": origin["data"], "train_split": args.split, "eval_split": args.eval_split,
                "eval_data": origin["eval_data"],   # null: held out of the training pairs (or there are none)
-               "max_length": args.max_length, "max_prompt_length": args.max_prompt_length, "args": vars(args),
-               "command": shlex.join(sys.argv), "versions": {"python": sys.version.split()[0], **{m: __import__(m).__version__
-                   for m in ("torch", "safetensors", "tokenizers", "huggingface_hub")},
-                   "git_commit": git.stdout.strip() if git and not git.returncode else None},
-               "data_files": [{"path": str(f), "size": f.stat().st_size,
-                               "sha256": hashlib.file_digest(f.open("rb"), "sha256").hexdigest()} for f in files],
+               "args": vars(args), "command": shlex.join(sys.argv), "data_files": [{"path": str(f), "size": f.stat().st_size,
+                   "sha256": hashlib.file_digest(f.open("rb"), "sha256").hexdigest()} for f in files],
+               "versions": {"python": sys.version.split()[0], **{m: __import__(m).__version__ for m in MODULES},
+                            "git_commit": shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"],  # or None
+                                cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip() or None},
                "generation_config": json.loads(gen.read_text()) if ckpt_dir and gen.is_file() else  # the base's, else
                {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}}   # what generate() needs
         run_json.write_text(json.dumps(run, indent=1) + "\n")
@@ -393,20 +381,18 @@ def metrics_logger(args, first_step: int):
     return log
 
 
-CURVES = {"logps": "average log-prob per response token (eq. 3)", "log_odds": "log odds ratio (eq. 5)",
-          "nll": "L_SFT (NLL)", "or_loss": "L_OR (eq. 7)"}
+CURVES = {"logps": "mean log P(y|x) per token (eq. 3)", "log_odds": "log odds ratio (eq. 5)", "nll": "L_SFT (NLL)", "or_loss": "L_OR (eq. 7)"}
 
 
 def plot_curves(runs, png_path, panels=tuple(CURVES), title=None) -> None:
     """The paper's Figs. 3 and 7 from metrics.jsonl records, {run name: records} or one metrics.jsonl: chosen and
     rejected log-probs (a panel per run), then log odds, NLL and L_OR (runs overlaid); lines: train batches
     (smoothed), dots: held-out. x = updates before the forward: s - 1 for train step s, s for an eval at s."""
-    from matplotlib import style
-    from matplotlib.figure import Figure        # no pyplot: no GUI backend, no global figure state
+    from matplotlib import figure, style        # no pyplot: no GUI backend, no global figure state
     runs = runs if isinstance(runs, dict) else {"": [json.loads(l) for l in Path(runs).read_text().splitlines() if l]}
     style.use(Path(__file__).with_name("plots.mplstyle"))
     cells = [(p, n) for p in panels for n in (runs if p == "logps" else [None])]
-    fig = Figure(figsize=(max(6.4, 3.6 * len(cells)), 3.6), layout="constrained")
+    fig = figure.Figure(figsize=(max(6.4, 3.6 * len(cells)), 3.6), layout="constrained")
     for ax, (panel, only) in zip(fig.subplots(1, len(cells), squeeze=False)[0], cells):
         for i, (name, recs) in enumerate((n, r) for n, r in runs.items() if only in (None, n)):
             train, evals = [r for r in recs if not r.get("eval")], [r for r in recs if r.get("eval")]
@@ -551,10 +537,11 @@ class Trainer:
         if self.rank == 0:
             self.log(rec)
             tqdm.write(f"step {self.step:>5d}/{self.total_steps} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | "
-                       f"or {m['or_loss']:.4f} | log_odds {m['log_odds']:+.3f} | logp w {m['chosen_logps']:.3f} l "
-                       f"{m['rejected_logps']:.3f} | acc {m['reward_acc']:.2f} | margin {m['reward_margin']:+.3f} | lr "
-                       f"{m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s" + ("" if mfu is None
-                       else f" | mfu {100 * mfu:.1f}%") + f" | mem {rec['mem_gb']:.2f}GB" + " | SKIPPED (non-finite)" * m["skipped"])
+                       f"or {m['or_loss']:.4f} | log_odds {m['log_odds']:+.3f} | logp w {m['chosen_logps']:.3f} "
+                       f"l {m['rejected_logps']:.3f} | acc {m['reward_acc']:.2f} | margin {m['reward_margin']:+.3f} | "
+                       f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s"
+                       + ("" if mfu is None else f" | mfu {100 * mfu:.1f}%") + f" | mem {rec['mem_gb']:.2f}GB"
+                       + (" | SKIPPED (non-finite)" if m["skipped"] else ""))
         return rec
 
     def run_eval(self) -> dict | None:
@@ -595,7 +582,7 @@ class Trainer:
         if first and last:
             print0(f"done at step {self.step} after {time.time() - self.t_start:.0f}s | train {change(first, last)}"
                    + (f"\neval (held-out pairs): {change(e0, e1)}" if e0 and e1 else ""))
-        exported = "" if args.no_export else "final/ and best/ (HF model, tokenizer, card; best: lowest eval loss), "
+        exported = "" if args.no_export else "final/ and best/ (Hub-ready: weights, tokenizer, README.md card), "
         print0(f"outputs in {out}/: {exported}run.json, curves.png, ckpt/ (--resume), metrics.jsonl"
                + (", data/ (synthetic pairs)" if args.data is None else ""))
         if not args.no_export:     # eval_rm.py evaluates OUT/final, reading OUT/run.json
@@ -603,8 +590,7 @@ class Trainer:
             print0(f"evaluate with:  python eval_rm.py{root}")
 
     def export(self, out_dir: Path, metrics: dict | None) -> None:
-        """OUT/final or OUT/best as a Hub repo: weights, tokenizer (with the run's chat template), and from
-        OUT/run.json the generation config and a model card."""
+        """OUT/final or OUT/best as a Hub repo: weights, tokenizer, and from run.json generation config and model card."""
         run = json.loads((self.out / "run.json").read_text()) if self.rank == 0 else {}
         dist.export_hf(self.model, self.config, self.tok, out_dir, files=run and {"README.md": model_card(
             run, self.step, metrics), "generation_config.json": json.dumps(run.get("generation_config", {}), indent=2)})

@@ -112,6 +112,7 @@ def test_data_synthetic_on_a_checkpoint(tmp_path, checkpoint, capsys):
     assert train.main(argv) == 0
     log = capsys.readouterr().out
     assert "train: 32 pairs from " in log and "synthetic_train_32.parquet" in log and UF not in log
+    assert "eval: 200 pairs from " in log and "synthetic_eval.parquet" in log     # the synthetic held-out set, as tiny's
 
 
 # -----------------------------------------------------------------------------
