@@ -2,7 +2,7 @@
 Train a causal language model with ORPO (Hong, Lee & Thorne, 2024, arXiv 2403.07691).
 
     python train.py                                          # tiny model, synthetic pairs, CPU, under a minute
-    python train.py --model mistral-7b --data uf.parquet     # one GPU
+    python train.py --model mistral-7b                       # one GPU, the paper's UltraFeedback and lambda
     torchrun --nproc_per_node 4 train.py --model mistral-7b --data uf.parquet --lam 0.1      # FSDP2, 4 GPUs
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
 
@@ -12,12 +12,17 @@ update if anything is NaN/inf, AdamW, schedule. Trainer.fit runs, logs, evaluate
 is built on the meta device, sharded with FSDP2 (dist.py), materialised, then loaded tensor by tensor.
 """
 import argparse
+import hashlib
+import importlib.util
 import itertools
 import json
 import math
 import os
+import re
 import resource
 import shlex
+import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -36,6 +41,9 @@ from dist import print0
 TINY_LR = 1e-3            # lr for the tiny from-scratch preset; the paper's 5e-6 is for fine-tuning 7B models
 PAPER_LR = 5e-6           # official Mistral-ORPO scripts
 MAX_BAD_STEPS = 5         # consecutive NaN/inf steps (each skipped) before the run stops
+UF, UF_SPLITS = "HuggingFaceH4/ultrafeedback_binarized", ("train_prefs", "test_prefs")   # the paper's (Mistral-ORPO-α)
+PAPER_LAM = {"mistral-7b": 0.1, "llama2-7b": 0.2, "phi-2": 0.25}   # the paper's lambdas; the official scripts': 0.1
+MODULES = ("torch", "safetensors", "tokenizers", "huggingface_hub")   # whose versions run.json records
 
 
 class UserError(ValueError):
@@ -53,90 +61,67 @@ BAD_INPUT = (UserError, data.DataError, model_lib.CheckpointError, model_lib.Mod
 # -----------------------------------------------------------------------------
 # command line
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):   # every default, but no "None" where the help explains a model-dependent one
-        explained = action.default is None and "default" in (action.help or "")
-        return action.help if explained else super()._get_help_string(action)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="train.py", description="ORPO: SFT + lam * odds-ratio penalty, one stage, no reference model.",
-        formatter_class=HelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="a model.py preset (tiny, mistral-7b, ...), a local HF dir or a Hub id")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype; auto = bfloat16 on CUDA, float32 on CPU (master weights are always float32)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    g.add_argument("--attention", default="auto", choices=model_lib.KERNELS,
-                   help="attention kernel; auto = flash-attn, else torch varlen, else SDPA; all but sdpa need CUDA")
-    g.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
-    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="training pairs: parquet file, folder, glob or Hub dataset id "
-                                                "(with --split); default: data.py's synthetic set, in OUT/data/")
-    g.add_argument("--split", default=None, help="split of --data to train on, when it has several")
-    g.add_argument("--eval-data", default=None, help="held-out pairs for eval, in the forms of --data (a Hub id, "
-                                                     "or a folder of several splits, needs --eval-split)")
-    g.add_argument("--eval-split", default=None,
-                   help="split to evaluate on (e.g. test_prefs): of --eval-data when given, else of --data")
-    g.add_argument("--eval-fraction", type=float, default=0.05, help="without --eval-data/--eval-split: hold out "
-                   "this fraction of the training pairs (the synthetic default has a held-out set of its own)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer dir; default: the model's (synthetic for tiny)")
-    g.add_argument("--template", default="auto",
-                   help="auto (raw text for HH-RLHF, else the tokenizer's chat template or Zephyr's) | zephyr | raw | a .jinja file")
-    g.add_argument("--columns", default=None,
-                   help="the data's column names, e.g. prompt=question,chosen=good,rejected=bad or "
-                        "conversations=turns (ShareGPT); default: the layouts' usual names")
-    g.add_argument("--max-length", type=int, default=2048, help="max tokens of prompt + response (paper: 2048 UltraFeedback, 1024 HH-RLHF)")
-    g.add_argument("--max-prompt-length", type=int, default=1024, help="pairs with longer prompts are dropped (paper)")
-    g.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="include prompt tokens in L_SFT, as the official code and TRL do")
-    g.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=True,
-                   help="pack [prompt|chosen|rejected] with the prompt computed once (same loss, fewer tokens)")
-    g.add_argument("--synthetic-pairs", type=int, default=2000, help="size of the synthetic train set")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lam", type=float, default=0.1, help="lambda, weight of L_OR (paper: 0.1 Mistral, 0.2 Llama-2, 0.25 Phi-2); 0 = plain SFT")
-    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate; default {PAPER_LR} (official scripts), {TINY_LR} for --model tiny")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the training pairs; default 5 (official scripts), 3 for tiny")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="pairs per optimizer step, global over ranks and micro-batches; default 32 (official), 16 for tiny")
-    g.add_argument("--max-tokens", type=int, default=None,
-                   help="instead of --batch-size: token budget of one micro-batch on one rank (length-grouped batches)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps; default 200 (official), 10 for tiny")
-    g.add_argument("--warmup-ratio", type=float, default=None,
-                   help="instead of --warmup-steps: fraction of total steps, rounded up (as transformers)")
-    g.add_argument("--schedule", default="cosine", choices=["cosine", "inverse_sqrt", "constant"],
-                   help="after warmup: cosine to 0 (paper, Appendix C), inverse_sqrt (official scripts) or constant; "
-                        "all three as transformers' get_*_schedule")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official scripts: 0)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 disables clipping")
-    g.add_argument("--seed", type=int, default=42, help="seed of the random init (tiny) and of the data order")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="out", help="output dir: metrics.jsonl, run.json, ckpt/, best/, final/, data/")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/latest exactly (same data order, RNG)")
-    g.add_argument("--save-every", type=int, default=None,
-                   help="checkpoint every N steps (and at the end); default 500, 50 for tiny; 0 = only at the end")
-    g.add_argument("--eval-every", type=int, default=None, help="eval every N steps (and at the end); default 500, 50 for tiny; 0 = only at the end")
-    g.add_argument("--log-every", type=int, default=1, help="log a metrics line every N steps")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep (at least 1)")
-    g.add_argument("--no-export", action="store_true", help="skip the final HF export (and the best/ export)")
-    g.add_argument("--comm-timeout", type=float, default=dist.COMM_TIMEOUT_S,
+    p = argparse.ArgumentParser(prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="ORPO: SFT + lam * odds-ratio penalty, one stage, no reference model.")
+    p.add_argument("--model", default="tiny", help="a model.py preset (tiny, mistral-7b, ...), a local HF dir or a Hub id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto = bfloat16 on CUDA, else float32")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+    p.add_argument("--attention", default="auto", choices=model_lib.KERNELS, help="auto = flash, else varlen, else sdpa (CPU)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--data", help=f"pairs: parquet file, folder, glob, Hub id or synthetic (data.py's); a checkpoint's: {UF}")
+    p.add_argument("--split", help=f"split of --data to train on ({UF_SPLITS[0]} for {UF})")
+    p.add_argument("--eval-data", help="held-out pairs, in the forms of --data (a Hub id needs --eval-split)")
+    p.add_argument("--eval-split", help=f"split of --eval-data, else of --data ({UF_SPLITS[1]} for {UF})")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="else hold out this fraction of the training pairs")
+    p.add_argument("--tokenizer", help="tokenizer dir; None: the model's (synthetic for tiny)")
+    p.add_argument("--template", default="auto", help="auto (HH-RLHF raw, else the tokenizer's or Zephyr's) | zephyr | raw | a .jinja file")
+    p.add_argument("--columns", help="the data's column names, e.g. prompt=q,chosen=good,rejected=bad or conversations=turns")
+    p.add_argument("--max-length", type=int, default=2048, help="max tokens of prompt + response (paper: 2048 UltraFeedback, 1024 HH-RLHF)")
+    p.add_argument("--max-prompt-length", type=int, default=1024, help="pairs with longer prompts are dropped (paper)")
+    p.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=True, help="prompt tokens in L_SFT (official code, TRL)")
+    p.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=True, help="pack [prompt|chosen|rejected]: same loss")
+    p.add_argument("--synthetic-pairs", type=int, default=2000, help="size of the synthetic train set")
+    p.add_argument("--lam", type=float, help="weight of L_OR (0: SFT); the paper's: 0.1 mistral-7b, 0.2 llama2-7b, 0.25 phi-2")
+    p.add_argument("--lr", type=float, help=f"peak learning rate; {PAPER_LR} for a checkpoint (official scripts)")
+    p.add_argument("--epochs", type=float, help="passes over the training pairs; 5 for a checkpoint (official scripts)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, help="pairs per optimizer step, over all ranks and micro-batches; 32 official")
+    p.add_argument("--max-tokens", type=int, help="instead of --batch-size: tokens per micro-batch per rank (length-grouped)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps; 200 for a checkpoint (official scripts)")
+    p.add_argument("--warmup-ratio", type=float, help="instead of --warmup-steps: fraction of total steps, rounded up")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "inverse_sqrt", "constant"], help="cosine: paper; inverse_sqrt: official")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official scripts: 0)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 disables clipping")
+    p.add_argument("--seed", type=int, default=42, help="seed of the random init (tiny) and of the data order")
+    p.add_argument("--out", default="out", help="output dir: metrics.jsonl, run.json, curves.png, ckpt/, best/, final/")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/latest exactly (same data order, RNG)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps and at the end (0: only then); 500 for a checkpoint")
+    p.add_argument("--eval-every", type=int, help="eval every N steps and at the end (0: only then); 500 for a checkpoint")
+    p.add_argument("--log-every", type=int, default=1, help="log a metrics line every N steps")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep (at least 1)")
+    p.add_argument("--no-export", action="store_true", help="skip the final HF export (and the best/ export)")
+    p.add_argument("--comm-timeout", type=float, default=dist.COMM_TIMEOUT_S,
                    help="seconds a collective waits for the other ranks before the job stops (a stalled or dead rank)")
+    p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also log to TensorBoard or W&B")
+    # the model's defaults (--help shows them): the tiny preset trains from scratch in under a minute on the synthetic
+    # pairs; a checkpoint fine-tunes as the official scripts did, on the paper's UltraFeedback (as Mistral-ORPO-α)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="tiny")
+    model = pre.parse_known_args(argv)[0].model
+    tiny = model == "tiny"
+    p.set_defaults(data="synthetic" if tiny else UF, lam=PAPER_LAM.get(model, 0.1), lr=TINY_LR if tiny else PAPER_LR,
+                   epochs=3 if tiny else 5, batch_size=16 if tiny else 32, warmup_steps=10 if tiny else 200,
+                   save_every=50 if tiny else 500, eval_every=50 if tiny else 500)
     args = p.parse_args(argv)
-    # the defaults that depend on the model: the tiny preset trains from scratch in under a minute,
-    # the others fine-tune with the official Mistral-ORPO recipe
-    tiny = args.model == "tiny"
-    defaults = dict(lr=TINY_LR if tiny else PAPER_LR, epochs=3 if tiny else 5, batch_size=16 if tiny else 32,
-                    warmup_steps=10 if tiny else 200, save_every=50 if tiny else 500, eval_every=50 if tiny else 500)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:   # optional: said before any work
+        p.exit(2, f"error: --report-to {args.report_to}: {args.report_to} is not installed (pip install {args.report_to})\n")
+    if args.data == UF:   # its splits, as the paper: train_prefs, evaluated on test_prefs
+        args.split = args.split or UF_SPLITS[0]
+        args.eval_split = args.eval_split or (UF_SPLITS[1] if args.eval_data is None else None)
+    args.data = None if args.data == "synthetic" else args.data   # None: the synthetic pairs
     return args
 
 
@@ -239,15 +224,23 @@ def load_data(args, tok, ckpt_dir, rank: int, resumed: bool):
         args.eval_fraction, args.seed, tok, Path(args.out) / "data", synthetic_pairs=args.synthetic_pairs,
         writer=rank == 0, barrier=dist.barrier, log=print0, max_length=args.max_length,
         max_prompt_length=args.max_prompt_length, template=args.template, columns=data.parse_columns(args.columns))
-    run_json = Path(args.out) / "run.json"   # what eval_rm.py needs to evaluate this run (`eval_rm.py demo --root OUT`)
-    if rank == 0 and not (resumed and run_json.exists()):
-        run = {"model": args.model, "seed": args.seed,
-               # the tokenizer this run read text with; null = the --model checkpoint's own
-               "tokenizer": args.tokenizer or ("synthetic" if ckpt_dir is None else None), "template": args.template,
-               "train_data": origin["data"], "train_split": args.split,
-               # null: the eval pairs were held out of the training pairs (or there are none)
-               "eval_data": origin["eval_data"], "eval_split": args.eval_split,
-               "max_length": args.max_length, "max_prompt_length": args.max_prompt_length, "args": vars(args)}
+    # the exports carry the template the pairs were rendered with (None: raw text), not just the tokenizer's own
+    tok.chat_template = origin.get("chat_template", data.resolve_template(args.template, tok, getattr(train, "layout", None)))
+    run_json, gen = Path(args.out) / "run.json", Path(ckpt_dir or "") / "generation_config.json"
+    if rank == 0 and not (resumed and run_json.exists()):   # what eval_rm.py (`demo --root OUT`) and the exports read
+        files = dict.fromkeys(f for src, split in ((origin["data"], args.split), (origin["eval_data"], args.eval_split))
+                              if src for f in data.resolve_files(src, split))
+        run = {**{k: vars(args)[k] for k in ("model", "seed", "template", "max_length", "max_prompt_length")},
+               "tokenizer": args.tokenizer or ("synthetic" if ckpt_dir is None else None),   # null: --model's own
+               "train_data": origin["data"], "train_split": args.split, "eval_split": args.eval_split,
+               "eval_data": origin["eval_data"],   # null: held out of the training pairs (or there are none)
+               "args": vars(args), "command": shlex.join(sys.argv), "data_files": [{"path": str(f), "size": f.stat().st_size,
+                   "sha256": hashlib.file_digest(f.open("rb"), "sha256").hexdigest()} for f in files],
+               "versions": {"python": sys.version.split()[0], **{m: __import__(m).__version__ for m in MODULES},
+                            "git_commit": shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"],  # or None
+                                cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip() or None},
+               "generation_config": json.loads(gen.read_text()) if ckpt_dir and gen.is_file() else  # the base's, else
+               {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}}   # what generate() needs
         run_json.write_text(json.dumps(run, indent=1) + "\n")
     return train, evals
 
@@ -261,9 +254,8 @@ def make_batchers(args, train_pairs, eval_pairs, rank: int, world_size: int):
               prompt_loss=args.prompt_loss, **size)
     batcher = data.PairBatcher(train_pairs, grad_accum=args.grad_accum, **kw)
     info = batcher.epoch_info(0)
-    if info["pairs_dropped"]:
-        print0(f"train: {info['pairs_dropped']} pairs per epoch left out so that every rank gets the same "
-               f"number of micro-batches (a different remainder each epoch)")
+    if info["pairs_dropped"]:   # a different remainder each epoch
+        print0(f"train: {info['pairs_dropped']} pairs per epoch left out so that every rank gets the same micro-batches")
     eval_batcher = data.PairBatcher(eval_pairs, **kw) if len(eval_pairs) else None
     if eval_batcher is not None and (dropped := eval_batcher.epoch_info(0)["pairs_dropped"]):
         print0(f"eval: {dropped} of the eval pairs left out to give every rank the same batches")
@@ -365,9 +357,57 @@ def step_flops(n_params: int, n_layers: int, d_attn: int, micro_batches) -> floa
                for b in micro_batches)
 
 
-def append_jsonl(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+def metrics_logger(args, first_step: int):
+    """Rank 0's logger: appends a record to OUT/metrics.jsonl and, with --report-to, logs its numbers under the same
+    names to W&B or TensorBoard (OUT/tensorboard/; a resumed run purges what came after its checkpoint)."""
+    path, sinks = Path(args.out) / "metrics.jsonl", []
+    if args.report_to == "wandb":
+        import wandb
+        sinks.append(wandb.init(project="orpo", dir=args.out, config=vars(args)).log)
+    elif args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(str(Path(args.out) / "tensorboard"), purge_step=first_step)
+
+        def to_tensorboard(values, step):
+            for k, v in values.items():
+                tb.add_scalar(k, v, step)
+            tb.flush()                  # a run that stops early keeps what it logged
+        sinks.append(to_tensorboard)
+
+    def log(rec):
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for sink in sinks:              # the numbers: not the flags (eval, best, skipped), not None
+            sink({k: v for k, v in rec.items() if type(v) in (int, float) and k != "step"}, step=rec["step"])
+    return log
+
+
+CURVES = {"logps": "mean log P(y|x) per token (eq. 3)", "log_odds": "log odds ratio (eq. 5)", "nll": "L_SFT (NLL)", "or_loss": "L_OR (eq. 7)"}
+
+
+def plot_curves(runs, png_path, panels=tuple(CURVES), title=None) -> None:
+    """The paper's Figs. 3 and 7 from metrics.jsonl records, {run name: records} or one metrics.jsonl: chosen and
+    rejected log-probs (a panel per run), then log odds, NLL and L_OR (runs overlaid); lines: train batches
+    (smoothed), dots: held-out. x = updates before the forward: s - 1 for train step s, s for an eval at s."""
+    from matplotlib import figure, style        # no pyplot: no GUI backend, no global figure state
+    runs = runs if isinstance(runs, dict) else {"": [json.loads(l) for l in Path(runs).read_text().splitlines() if l]}
+    style.use(Path(__file__).with_name("plots.mplstyle"))
+    cells = [(p, n) for p in panels for n in (runs if p == "logps" else [None])]
+    fig = figure.Figure(figsize=(max(6.4, 3.6 * len(cells)), 3.6), layout="constrained")
+    for ax, (panel, only) in zip(fig.subplots(1, len(cells), squeeze=False)[0], cells):
+        for i, (name, recs) in enumerate((n, r) for n, r in runs.items() if only in (None, n)):
+            train, evals = [r for r in recs if not r.get("eval")], [r for r in recs if r.get("eval")]
+            k = max(1, len(train) // 30)        # a moving average over k steps: single batches are noisy
+            for key, color, label in ([("chosen_logps", "C0", "chosen "), ("rejected_logps", "C1", "rejected ")]
+                                      if panel == "logps" else [(panel, f"C{i}", name and name + " ")]):
+                y = [sum(r[key] for r in train[j - k + 1:j + 1]) / k for j in range(k - 1, len(train))]
+                ax.plot([r["step"] - 1 for r in train][k - 1:], y, color=color, label=f"{label}train")
+                ax.plot([r["step"] for r in evals], [r[f"eval_{key}"] for r in evals], "o--", color=color,
+                        markersize=4, linewidth=0.8, label=f"{label}held-out")
+        ax.set(title=only or CURVES[panel], xlabel="optimizer step")
+        ax.legend()
+    fig.suptitle(title)
+    fig.savefig(png_path)
 
 
 # -----------------------------------------------------------------------------
@@ -421,6 +461,7 @@ class Trainer:
                f"lr {args.lr} {args.schedule}, warmup {warmup} | "
                f"batch {args.batch_size if args.max_tokens is None else f'{args.max_tokens} tokens/micro'} x accum "
                f"{args.grad_accum} | {self.total_steps} steps ({steps_per_epoch}/epoch)")
+        self.log = metrics_logger(args, first_step=saved['step'] + 1 if saved else 0) if self.rank == 0 else None
         self.resume(ckpt)
 
     def resume(self, ckpt: Path | None) -> None:
@@ -494,10 +535,8 @@ class Trainer:
 
     def log_step(self, m: dict, micro, dt: float) -> dict:
         """The step's record with throughput, MFU, memory and time (collectives: all ranks call it); rank 0 logs it."""
-        c = self.config
-        totals = dist.all_reduce_sum({"tokens": sum(b.num_tokens for b in micro),
-                                      "flops": step_flops(self.n_params, c.n_layers, c.n_heads * c.head_dim, micro)},
-                                     self.device)
+        flops = step_flops(self.n_params, self.config.n_layers, self.config.n_heads * self.config.head_dim, micro)
+        totals = dist.all_reduce_sum({"tokens": sum(b.num_tokens for b in micro), "flops": flops}, self.device)
         mfu = totals["flops"] / dt / (self.peak_flops * self.world_size) if self.peak_flops else None
         mem = (torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)   # Linux reports kB
@@ -505,7 +544,7 @@ class Trainer:
                "tokens_per_s": totals["tokens"] / dt, "mfu": mfu, "mem_gb": dist.all_reduce_max(mem, self.device),
                "time": time.time() - self.t_start}
         if self.rank == 0:
-            append_jsonl(self.metrics_path, rec)
+            self.log(rec)
             tqdm.write(f"step {self.step:>5d}/{self.total_steps} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | "
                        f"or {m['or_loss']:.4f} | log_odds {m['log_odds']:+.3f} | logp w {m['chosen_logps']:.3f} "
                        f"l {m['rejected_logps']:.3f} | acc {m['reward_acc']:.2f} | margin {m['reward_margin']:+.3f} | "
@@ -523,10 +562,9 @@ class Trainer:
         self.model.train()
         improved, self.best_eval = m["loss"] < self.best_eval, min(m["loss"], self.best_eval)
         if improved and not self.args.no_export:
-            dist.export_hf(self.model, self.config, self.tok, self.out / "best")
+            self.export(self.out / "best", m)
         if self.rank == 0:
-            append_jsonl(self.metrics_path, {"step": self.step, "eval": True,
-                                             **{f"eval_{k}": v for k, v in m.items()}, "best": improved})
+            self.log({"step": self.step, "eval": True, **{f"eval_{k}": v for k, v in m.items()}, "best": improved})
             tqdm.write(f"eval  {self.step:>5d} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | or {m['or_loss']:.4f} | "
                        f"log_odds {m['log_odds']:+.3f} | acc {m['reward_acc']:.2f}"
                        + (f" | best so far -> {self.out / 'best'}" if improved and not self.args.no_export else ""))
@@ -545,30 +583,55 @@ class Trainer:
         e1 = self.run_eval()
         self.save()
         if not args.no_export:
-            dist.export_hf(self.model, self.config, self.tok, out / "final")
+            self.export(out / "final", e1)
+        if self.rank == 0:
+            plot_curves(self.metrics_path, out / "curves.png", title=f"ORPO, lam {args.lam}: {out.resolve().name}")
+        change = lambda a, b: " | ".join(f"{k} {a[k]:{f}} -> {b[k]:{f}}" for k, f in (("nll", ".3f"), ("log_odds", "+.3f"),
+                                                                                  ("reward_acc", ".2f")))
         if first and last:
-            print0(f"done at step {self.step} after {time.time() - self.t_start:.0f}s | train nll {first['nll']:.3f} "
-                   f"-> {last['nll']:.3f} | log_odds {first['log_odds']:+.3f} -> {last['log_odds']:+.3f} | "
-                   f"reward_acc {first['reward_acc']:.2f} -> {last['reward_acc']:.2f}")
-        if e0 and e1:
-            print0(f"eval (held-out pairs): nll {e0['nll']:.3f} -> {e1['nll']:.3f} | log_odds {e0['log_odds']:+.3f} -> "
-                   f"{e1['log_odds']:+.3f} | reward_acc {e0['reward_acc']:.2f} -> {e1['reward_acc']:.2f}")
-        exported = "" if args.no_export else "final/ (HF model + tokenizer), best/ (best eval loss), "
-        print0(f"outputs in {out}/: {exported}run.json, ckpt/ (--resume), metrics.jsonl"
+            print0(f"done at step {self.step} after {time.time() - self.t_start:.0f}s | train {change(first, last)}"
+                   + (f"\neval (held-out pairs): {change(e0, e1)}" if e0 and e1 else ""))
+        exported = "" if args.no_export else "final/ and best/ (Hub-ready: weights, tokenizer, README.md card), "
+        print0(f"outputs in {out}/: {exported}run.json, curves.png, ckpt/ (--resume), metrics.jsonl"
                + (", data/ (synthetic pairs)" if args.data is None else ""))
         if not args.no_export:     # eval_rm.py evaluates OUT/final, reading OUT/run.json
             root = "" if str(out) == "out" else f" demo --root {shlex.quote(str(out))}"
             print0(f"evaluate with:  python eval_rm.py{root}")
 
+    def export(self, out_dir: Path, metrics: dict | None) -> None:
+        """OUT/final or OUT/best as a Hub repo: weights, tokenizer, and from run.json generation config and model card."""
+        run = json.loads((self.out / "run.json").read_text()) if self.rank == 0 else {}
+        dist.export_hf(self.model, self.config, self.tok, out_dir, files=run and {"README.md": model_card(
+            run, self.step, metrics), "generation_config.json": json.dumps(run.get("generation_config", {}), indent=2)})
+
     def finish_completed_run(self) -> None:
         """--resume of a complete run: no second final eval, no rewrite of the checkpoint; only a missing export."""
         final = self.out / "final"
         if not self.args.no_export and not (final / "config.json").is_file():
-            dist.export_hf(self.model, self.config, self.tok, final)
+            self.export(final, None)
             print0(f"the run in {self.out} was already complete at step {self.step}; wrote its missing export {final}")
         else:
             print0(f"the run in {self.out} is already complete: its checkpoint is at step {self.step}, this run has "
                    f"{self.total_steps} steps (raise --max-steps or --epochs to train further)")
+
+
+def model_card(run: dict, step: int, metrics: dict | None) -> str:
+    """README.md of an export: the Hub's front matter, the base, data, lambda, held-out metrics, the command and the
+    run's settings. Uploaded as it is: an absolute local path shows as its file name, but in a local base's line."""
+    a, hub = run["args"], lambda v: isinstance(v, str) and bool(data.HUB_ID.fullmatch(v)) and not Path(v).exists()
+    base, src = model_lib.PRESETS.get(a["model"], a["model"]), lambda d, split: f"`{d}`" + f" [{split}]" * bool(split)
+    datasets = [f"- {d}" for d in dict.fromkeys((run["train_data"], run["eval_data"])) if hub(d)]
+    card = "\n".join([
+        "---", *[f"base_model: {base}"] * hub(base), *["datasets:"] * bool(datasets), *datasets,
+        "library_name: transformers", "tags:", "- orpo", "---", "", f"# {Path(a['out']).resolve().name}", "",
+        f"Base model: <base>. Fine-tuned with ORPO (Hong, Lee & Thorne, 2024, [arXiv 2403.07691](https://arxiv.org/abs/"
+        f"2403.07691)), lam {a['lam']}, on {src(run['train_data'], run['train_split'])}, by train.py of *ORPO, from scratch*"
+        f". Held-out: {src(run['eval_data'], run['eval_split']) if run['eval_data'] else 'pairs of the training data'}.",
+        "", f"| step {step} | |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in (metrics or {}).items()), "",
+        f"Made with `{run.get('command')}`; its settings (OUT/run.json):", "", "```json", json.dumps(run, indent=1), "```", ""])
+    card = re.sub(r"(?<![\w.:/~-])/[^\s'\"`,]+", lambda m: Path(m[0]).name, card)   # absolute local paths -> names
+    return card.replace("<base>", f"[{base}](https://huggingface.co/{base})" if hub(base) else f"trained from {a['model']}"
+                        if Path(a["model"]).is_dir() else f"the `{a['model']}` preset, random init (seed {a['seed']})", 1)
 
 
 def main(argv=None) -> int:

@@ -60,7 +60,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
@@ -179,14 +178,14 @@ def rm_job(base, data_path, steps, s, out):
 
 
 def snapshot_code(work):
-    """Copy the project's top-level .py files to WORK/code, and run every job from there: all runs of one
+    """Copy the project's top-level .py files (and the plot style) to WORK/code, and run every job from there: all runs of one
     experiment then use the same code even if the checkout is edited meanwhile. -> (dir, {file: sha256})"""
     import hashlib
     code = work / "code"
     shutil.rmtree(code, ignore_errors=True)
     code.mkdir(parents=True)
     hashes = {}
-    for f in sorted(REPO.glob("*.py")):
+    for f in sorted(REPO.glob("*.py")) + [REPO / "plots.mplstyle"]:       # train.py's curves.png reads the style
         shutil.copy2(f, code / f.name)
         hashes[f.name] = hashlib.sha256((code / f.name).read_bytes()).hexdigest()[:16]
     return code, hashes
@@ -303,61 +302,7 @@ def judge_claims(runs, win):
 
 
 # -----------------------------------------------------------------------------
-# pictures
-
-
-def smooth(y, k):
-    if k <= 1 or len(y) < k:
-        return np.asarray(y, float)
-    return np.convolve(y, np.ones(k) / k, mode="valid")
-
-
-def plot_logps(curves, path):
-    """Fig. 3 beside Fig. 7: chosen and rejected average log-probs per step, one panel per run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.6), sharey=True)
-    for ax, (name, cv) in zip(np.atleast_1d(axes), curves.items()):
-        k = max(1, len(cv["step"]) // 30)
-        for key, color, label in (("chosen_logps", "C0", "chosen"), ("rejected_logps", "C3", "rejected")):
-            ax.plot(cv["step"], cv[key], color=color, alpha=0.2, linewidth=0.8)
-            ax.plot(cv["step"][k - 1:], smooth(cv[key], k), color=color, label=f"{label} (train batch)")
-            ax.plot(cv["eval_step"], cv[f"eval_{key}"], "o--", color=color, markersize=4, linewidth=0.8,
-                    label=f"{label} (held-out)")
-        ax.set_title(cv["title"])
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel("average log-prob per response token (eq. 3)")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
-    fig.suptitle("Chosen vs rejected log-probs: SFT (Fig. 3) beside ORPO (Fig. 7)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_log_odds(curves, path):
-    """Fig. 7 / Fig. 9: the log odds ratio (eq. 5) per step for each lambda."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for i, (name, cv) in enumerate(curves.items()):
-        k = max(1, len(cv["step"]) // 30)
-        ax.plot(cv["step"], cv["log_odds"], color=f"C{i}", alpha=0.15, linewidth=0.8)
-        ax.plot(cv["step"][k - 1:], smooth(cv["log_odds"], k), color=f"C{i}", label=cv["title"])
-        ax.plot(cv["eval_step"], cv["eval_log_odds"], "o", color=f"C{i}", markersize=4)
-    ax.axhline(0, color="gray", linewidth=0.8)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("log odds ratio, log(odds(y_w|x) / odds(y_l|x))")
-    ax.set_title("Log odds ratio per step (lines: train batches, dots: held-out)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# curves for results.json (the figures are train.py's plot_curves)
 
 
 def curve(train_recs, eval_recs, start, title):
@@ -530,13 +475,16 @@ def run(args):
                        work / names[lam]) for lam in LAMBDAS]
     jobs.append(rm_job(base, paths["train"], steps["rm"], s, work / "rm"))
     run_jobs(jobs, args.jobs, args.threads, bar, timings, code)
-    runs, curves, policies = {}, {}, {"base": str(base)}
+    runs, curves, records, policies = {}, {}, {}, {"base": str(base)}
     for lam in LAMBDAS:
         name = names[lam]
         tr, ev = read_metrics(work / name)
         end = {k[len("eval_"):]: v for k, v in ev[-1].items() if k.startswith("eval_")}
         runs[name] = {"lam": lam, "title": titles[lam], "start": start, "end": end}
         curves[name] = curve(tr, ev, start, titles[lam])
+        # metrics.jsonl's records, with the held-out start as an eval record at step 0 if train.py had none
+        start_rec = {"step": 0, "eval": True, **{f"eval_{k}": v for k, v in start.items()}}
+        records[titles[lam]] = tr + ([] if ev and ev[0]["step"] == 0 else [start_rec]) + ev
         policies[name] = str(work / name / "final")
     rm, rm_meta = eval_rm.load_reward_model(work / "rm")
     rm_result = {"steps": steps["rm"], "train_pairs": rm_meta.get("train_pairs"),
@@ -557,8 +505,11 @@ def run(args):
     bar.close()
 
     # 4. pictures, claims, report
-    plot_logps(curves, out / "fig3_fig7_logps.png")
-    plot_log_odds(curves, out / "fig7_fig9_log_odds.png")
+    # the figures are train.py's own curves (train.plot_curves), the runs side by side and overlaid
+    train.plot_curves(records, out / "fig3_fig7_logps.png", panels=("logps",),
+                      title="Chosen vs rejected log-probs: SFT (Fig. 3) beside ORPO (Fig. 7)")
+    train.plot_curves(records, out / "fig7_fig9_log_odds.png", panels=("log_odds",),
+                      title="Log odds ratio per step for each lambda (Figs. 7, 9)")
     eval_rm.plot_reward_distributions(report["rewards"], out / "fig5_rewards.png")
     win = {n: {"rm": report["rm"][n]["sft"], "oracle": report["oracle"][n]["sft"],
                "agreement": report["agreement"][n]["sft"]} for n in runs if n != "sft"}

@@ -33,7 +33,7 @@ SMALL = model_lib.ModelConfig(family="llama", vocab_size=512, dim=32, n_layers=2
 STEPS = 12
 # the reference run: 8 pairs per step as 2 micro-batches of 4 on one rank (== 2 ranks x 1 micro-batch of 4); a
 # checkpoint --model gets the fine-tuning defaults, so every setting the runs depend on is given
-RUN_ARGS = ["--synthetic-pairs", "200", "--batch-size", "8", "--max-steps", str(STEPS),
+RUN_ARGS = ["--data", "synthetic", "--synthetic-pairs", "200", "--batch-size", "8", "--max-steps", str(STEPS),
             "--save-every", "4", "--eval-every", "4", "--warmup-steps", "2", "--lr", "3e-3"]
 # metrics that must agree between runs (time, throughput and memory may not)
 COMPARED = ["loss", "nll", "or_loss", "log_odds", "chosen_logps", "rejected_logps", "reward_acc", "reward_margin",
@@ -73,6 +73,12 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(out / "final" / "model.safetensors")
+
+
+def contract_keys(run: dict) -> dict:
+    """run.json's keys of the contract with eval_rm.py (keys may be added to it, never removed)."""
+    return {k: run[k] for k in ("model", "seed", "tokenizer", "template", "train_data", "train_split", "eval_data",
+                                "eval_split", "max_length", "max_prompt_length", "args")}
 
 
 def save_checkpoint(path: Path, config: model_lib.ModelConfig) -> str:
@@ -325,7 +331,7 @@ def test_nan_guard_skips_steps_then_stops(tmp_path, small, capsys):
     """An absurd lr blows the weights up: the non-finite steps are skipped and logged, then the run stops
     (after train.MAX_BAD_STEPS of them in a row)."""
     out = tmp_path / "nan"
-    argv = ["--out", str(out), "--model", small, "--synthetic-pairs", "100", "--batch-size", "4",
+    argv = ["--out", str(out), "--model", small, "--data", "synthetic", "--synthetic-pairs", "100", "--batch-size", "4",
             "--max-steps", "20", "--lr", "1e30", "--warmup-steps", "0", "--no-export"]
     assert run_main(argv) == 1
     err = capsys.readouterr().err
@@ -388,7 +394,7 @@ def test_out_that_is_a_file_is_one_clean_line(tmp_path, capsys):
 # -----------------------------------------------------------------------------
 # checkpoints of a finished run: fresh start, resume, pruning
 
-FINISHED_ARGS = ["--synthetic-pairs", "40", "--batch-size", "4", "--max-steps", "4", "--lr", str(train.TINY_LR),
+FINISHED_ARGS = ["--data", "synthetic", "--synthetic-pairs", "40", "--batch-size", "4", "--max-steps", "4", "--lr", str(train.TINY_LR),
                  "--save-every", "1", "--eval-every", "2", "--warmup-ratio", "0.1"]
 
 
@@ -532,7 +538,7 @@ def test_run_json_of_the_default_run_and_its_hint(tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     argv = ["--synthetic-pairs", "40", "--max-steps", "1", "--eval-every", "0", "--save-every", "0"]
     assert run_main(argv) == 0
-    assert json.loads(Path("out/run.json").read_text()) == {
+    assert contract_keys(json.loads(Path("out/run.json").read_text())) == {
         "model": "tiny", "seed": 42, "tokenizer": "synthetic", "template": "auto",
         "train_data": "out/data/synthetic_train_40.parquet", "train_split": None,
         "eval_data": "out/data/synthetic_eval.parquet", "eval_split": None,
@@ -554,7 +560,7 @@ def test_run_json_names_the_data_splits_and_tokenizer(tmp_path, small, capsys, e
             "--batch-size", "4", "--max-steps", "1", "--eval-every", "0"]
     argv += ["--eval-split", eval_split] if eval_split else []
     assert run_main(argv) == 0
-    assert json.loads((out / "run.json").read_text()) == {
+    assert contract_keys(json.loads((out / "run.json").read_text())) == {
         "model": small, "seed": 42, "tokenizer": tok, "template": "auto", "train_data": src,
         "train_split": "train_prefs", "eval_data": src if eval_split else None, "eval_split": eval_split,
         "max_length": 2048, "max_prompt_length": 1024, "args": vars(train.parse_args(argv))}
