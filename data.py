@@ -6,15 +6,11 @@
                  --PairBatcher/pack_pairs--> PackedBatch: one flat token stream, no padding
 
 Tokenization rule (the source of many preference-training bugs): the chosen sequence is the tokenization of the
-full text prompt+chosen, never two separate tokenizations joined, because tokens can merge across the boundary.
-The prompt part is the longest run of leading tokens that the full sequence shares with the prompt tokenized
-alone, so a token that straddles the boundary belongs to the response, which is scored on all of its text.
-Chosen and rejected use the same cut, so they share one prompt.
+full text prompt+chosen, never two tokenizations joined, because tokens can merge across the boundary. The prompt
+part is the longest run of leading tokens that the full sequence shares with the prompt tokenized alone, so a token
+that straddles the boundary belongs to the response. Chosen and rejected use the same cut: they share one prompt.
 
-Paper filters (section 5.1, Appendix C): a pair is dropped when chosen == rejected, when either answer is empty,
-or when the prompt is longer than max_prompt_length; then each response is cut to fit max_length (the prompt
-never is), and a pair whose answers become identical by that cut is dropped too. Every drop, truncation and
-boundary merge is counted in PairSet.stats.
+Paper filters (section 5.1, Appendix C): text_filter, token_filter_and_truncate; each drop counted in PairSet.stats.
 """
 import argparse
 import datetime
@@ -86,23 +82,18 @@ class Tok:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def save(self, out_dir):
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (loadable by AutoTokenizer)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        """Write tokenizer.json and tokenizer_config.json (with the special tokens and chat template): AutoTokenizer."""
+        (out := Path(out_dir)).mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(out / "tokenizer.json"))
-        special = {k: getattr(self, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
-                   if getattr(self, k) is not None}
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.bos_id is not None,
-                  "add_eos_token": False, "clean_up_tokenization_spaces": False, **special,
-                  **({"chat_template": self.chat_template} if self.chat_template else {})}
+        special = {k: v for k in ("bos_token", "eos_token", "pad_token", "unk_token") if (v := getattr(self, k))}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.bos_id is not None, **special,
+                  "add_eos_token": False, "clean_up_tokenization_spaces": False, "chat_template": self.chat_template}
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
         return out
 
 
 def load_tokenizer(path_or_name):
-    """A Tok from a folder (tokenizer.json, or a GPT-2-style vocab.json + merges.txt, with tokenizer_config.json),
-    a tokenizer.json or tokenizer_config.json file, a Hub model id, or "synthetic" (the tiny demo tokenizer)."""
+    """A Tok from a folder, a tokenizer.json or tokenizer_config.json file, a Hub model id, or "synthetic"."""
     name = str(path_or_name)
     if name == "synthetic":
         return synthetic_tokenizer()
@@ -119,11 +110,9 @@ def load_tokenizer(path_or_name):
     tokenizer_json = path if path.is_file() and path.name != "tokenizer_config.json" else folder / "tokenizer.json"
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     if not tokenizer_json.is_file() and not (vocab.is_file() and merges.is_file()):
-        hint = ("; its tokenizer.model (SentencePiece) is not read here: save the tokenizer with transformers "
-                "(AutoTokenizer.from_pretrained(...).save_pretrained(...)) to write a tokenizer.json"
-                if (folder / "tokenizer.model").is_file() else "")
-        raise missing(f"no tokenizer in {where}: looked for tokenizer.json, or vocab.json + merges.txt "
-                      f"(byte-level BPE){hint}")
+        hint = ("; its tokenizer.model (SentencePiece) is not read: transformers' save_pretrained writes a "
+                "tokenizer.json" if (folder / "tokenizer.model").is_file() else "")
+        raise missing(f"no tokenizer in {where}: looked for tokenizer.json, or vocab.json + merges.txt{hint}")
     config = {}
     for f in ("special_tokens_map.json", "tokenizer_config.json"):    # tokenizer_config.json wins
         if (folder / f).is_file():
@@ -133,12 +122,19 @@ def load_tokenizer(path_or_name):
             tokenizer = Tokenizer.from_file(str(tokenizer_json))
         except Exception as e:
             raise DataError(f"cannot read tokenizer file {tokenizer_json}: {e}") from None
+        # As transformers 5, which users run the model with, reads a LlamaTokenizer (not a byte-level one, Llama 3):
+        # Metaspace, no normalizer, whatever the file says (Llama-2's legacy one: " x" as "▁", "▁x", not "▁x").
+        pre = tokenizer.pre_tokenizer.__getstate__() if tokenizer.pre_tokenizer else b""
+        if str(config.get("tokenizer_class")).removesuffix("Fast") == "LlamaTokenizer" and b"ByteLevel" not in pre:
+            prefix = config.get("add_prefix_space") is not False        # as transformers' _get_prepend_scheme
+            scheme = ("always" if config.get("legacy") else "first") if prefix else "never"
+            tokenizer.normalizer = None
+            tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
     else:           # gpt2 and facebook/opt-* ship only these
         tokenizer = _byte_level_bpe(vocab, merges, config)
     template = config.get("chat_template")
     if isinstance(template, list):                      # named templates: [{"name": "default", "template": ...}]
-        named = {t["name"]: t["template"] for t in template}
-        template = named.get("default", next(iter(named.values()), None))
+        template = {t["name"]: t["template"] for t in template}.get("default", (template or [{}])[0].get("template"))
     if template is None and (folder / "chat_template.jinja").is_file():
         template = _read(folder / "chat_template.jinja")      # transformers >= 4.43 may save it there
     special = {k: _token_str(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
@@ -157,40 +153,25 @@ def _read(f, parse=str):    # the text of file f, or with parse=json.loads its J
 
 
 def _byte_level_bpe(vocab_json, merges_txt, config):
-    """The Tokenizer that transformers (GPT2Tokenizer, which OPT's configs name too) builds from vocab.json + merges.txt:
-    byte-level BPE, add_prefix_space from the config, its special tokens added, and BOS/EOS added when add_bos_token /
-    add_eos_token is true (OPT: BOS "</s>"), as transformers 5 does (TokenizersBackend.update_post_processor)."""
-    vocab = _read(vocab_json, json.loads)
-    if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
-        raise DataError(f"{vocab_json}: expected a JSON object mapping tokens to integer ids")
-    merges = []
-    for n, line in enumerate(_read(merges_txt).split("\n"), 1):
-        line = line.rstrip("\r")
-        if not line or (n == 1 and line.startswith("#version")):
-            continue
-        pair = tuple(line.split(" "))
-        if len(pair) != 2 or not all(pair):
-            raise DataError(f"{merges_txt} line {n}: expected two tokens separated by one space, got {line!r}")
-        merges.append(pair)
+    """The Tokenizer transformers 5 builds from vocab.json + merges.txt (GPT2Tokenizer, named by OPT's configs too):
+    byte-level BPE, the config's add_prefix_space, special tokens, add_bos_token / add_eos_token (OPT: BOS "</s>")."""
     try:
-        bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                         end_of_word_suffix="", fuse_unk=False)
-    except Exception as e:                              # e.g. a merge of tokens that are not in vocab.json
+        bpe = models.BPE(*models.BPE.read_file(str(vocab_json), str(merges_txt)), dropout=None,
+                         continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+    except Exception as e:      # not a JSON object of ids, a malformed merges line, a merge of unknown tokens
         raise DataError(f"cannot build a BPE from {vocab_json} and {merges_txt}: {e}") from None
     tokenizer = Tokenizer(bpe)
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)))
     tokenizer.decoder = decoders.ByteLevel()
-    # Added tokens in transformers' order: added_tokens_decoder (with the ids it gives), then the named special
-    # tokens, then the extra ones; the first mention of a token counts. A token already in vocab.json keeps its
-    # id there; any other is appended after the vocabulary.
+    # Added tokens in transformers' order: added_tokens_decoder (with its ids), the named special tokens, the extra
+    # ones; a token's first mention counts. One in vocab.json keeps its id there; another is appended after it.
     wanted = sorted((int(i), v) for i, v in (config.get("added_tokens_decoder") or {}).items())
     wanted += [(None, config[k]) for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                                            "cls_token", "mask_token") if config.get(k) is not None]
     for extra in (config.get("additional_special_tokens") or [], config.get("extra_special_tokens") or []):
         wanted += [(None, v) for v in (extra.values() if isinstance(extra, dict) else extra)]
     specs = {}                                          # content -> (id the config gives or None, spec)
-    for expected_id, value in wanted:
-        spec = value if isinstance(value, dict) else {"content": str(value)}
+    for expected_id, spec in ((i, v if isinstance(v, dict) else {"content": str(v)}) for i, v in wanted):
         specs.setdefault(spec["content"], (expected_id, spec))
     for content, (expected_id, spec) in specs.items():
         flags = {k: bool(spec[k]) for k in ("single_word", "lstrip", "rstrip", "normalized") if k in spec}
@@ -231,9 +212,7 @@ ZEPHYR_TEMPLATE = (
     "{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
     "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
     "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
-    "{% endif %}\n"
-    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
-    "{% endfor %}")
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -261,31 +240,32 @@ def render_chat(template, messages, *, add_generation_prompt=False, bos_token="<
 
 
 def resolve_template(template, tok, layout):
-    """The template source for `template`, or None for raw text. "auto": raw text for HH-RLHF (its transcripts already
-    are the format the paper trained base models on), else the tokenizer's chat_template, or the Zephyr template
-    that the official ORPO code sets when there is none."""
+    """The template source for `template`, or None for raw text. "auto": HH-RLHF's transcripts as they are (this
+    project's choice: the official code has no HH-RLHF path; it applies a chat template to `chosen`), else the
+    tokenizer's chat_template or ZEPHYR_TEMPLATE. With a BOS, a template that never renders bos_token gets "{{
+    bos_token }}" first: exported, it gives through apply_chat_template exactly the prompt tokens of training."""
     if template == "auto":
-        return None if layout == "hh" else tok.chat_template or ZEPHYR_TEMPLATE
-    if template in ("raw", "zephyr"):
-        return ZEPHYR_TEMPLATE if template == "zephyr" else None
-    check_template(template)
-    return Path(template).read_text()
+        source = None if layout == "hh" else tok.chat_template or ZEPHYR_TEMPLATE
+    elif template in ("raw", "zephyr"):
+        source = ZEPHYR_TEMPLATE if template == "zephyr" else None
+    else:
+        check_template(template)
+        source = Path(template).read_text()
+    return "{{ bos_token }}" + source if source and tok.bos_id is not None and "bos_token" not in source else source
 
 
 # -----------------------------------------------------------------------------
 # Reading parquet (files, folders, globs or Hub datasets, one row group at a time) -> Conversation -> text
 
-# How a file shows its split: by a Hub shard name <split>-00000-of-00003.parquet, or as <split>.parquet or <split>/
-# for the usual split words only (train_prefs-style variants too): en.parquet + fr.parquet, or shards/2024/ +
-# shards/2025/, are parts of one dataset, not splits.
+# A file's split: from a Hub shard name <split>-00000-of-00003.parquet, or <split>.parquet or <split>/ for the usual
+# split words (train_prefs-style too) only: en.parquet + fr.parquet, or shards/2024/ + 2025/, are parts, not splits.
 _SHARD_NAME = re.compile(r"(\w+)-\d+-of-\d+.*\.parquet")
 _SPLIT_WORD = re.compile(r"(train|training|test|testing|valid|validation|val|dev|eval|evaluation)(_\w+)?")
 
 
 def resolve_files(source, split=None):
-    """The parquet files of `source`: a file, a folder, a glob, or a Hub dataset id. Splits are never guessed: a Hub
-    id needs one; a folder is read whole unless its files belong to two or more splits (then a split must be given,
-    so that test pairs cannot leak into training); a file or a glob has no splits, so a split given is an error."""
+    """The parquet files of `source`: a file, a folder, a glob, or a Hub dataset id. Splits are never guessed: a Hub id
+    needs one, so does a folder of two or more splits (no test pairs leak into training); a file or a glob has none."""
     source, path = str(source), Path(source)
     is_glob = not path.exists() and any(c in source for c in "*?[")
     if split and (path.is_file() or is_glob):
@@ -326,9 +306,8 @@ ROLES = ("prompt", "chosen", "rejected", "conversations", "system")   # overrida
 
 
 def detect_layout(schema, columns, where):
-    """(layout, {role: column}) from a parquet schema; `columns` maps a role to the user's column name. The layouts:
-    "pairs" (prompt, chosen, rejected strings), "messages" (UltraFeedback: chosen and rejected {role, content} lists),
-    "hh" (HH-RLHF: chosen and rejected transcripts), "sharegpt" (LLaMA-Factory: conversations [{from, value}])."""
+    """(layout, {role: column}) from a parquet schema and the user's {role: column name}: "pairs" (prompt, chosen,
+    rejected strings), "messages" (UltraFeedback: {role, content} lists), "hh" (HH-RLHF transcripts) or "sharegpt"."""
     col = {role: (columns or {}).get(role, role) for role in ROLES}
     has = {role for role in ROLES if col[role] in schema.names}
     layout = None
@@ -342,9 +321,8 @@ def detect_layout(schema, columns, where):
             layout = "messages"
     if layout is None:
         raise DataError(f"{where}: no known preference layout in columns {schema.names}; expected prompt/chosen/"
-                        "rejected strings, UltraFeedback message lists, HH-RLHF chosen/rejected transcripts, or "
-                        "ShareGPT conversations/chosen/rejected (override names with --columns "
-                        "prompt=...,chosen=...,rejected=...,conversations=...)")
+                        "rejected strings, UltraFeedback message lists, HH-RLHF transcripts or ShareGPT conversations/"
+                        "chosen/rejected (override with --columns prompt=...,chosen=...,rejected=...,conversations=...)")
     return layout, {role: col[role] for role in ROLES if role in has}
 
 
@@ -505,7 +483,7 @@ def tokenize_texts(tok, texts, stats):
 
 
 def text_filter(conv, stats):
-    """The paper's text filters (section 5.1): False (and the reason counted) when the pair is dropped."""
+    """Section 5.1: False (the reason counted) when chosen == rejected or an answer is empty: the pair is dropped."""
     reason = ("chosen_equals_rejected" if conv.chosen == conv.rejected else
               "empty_response" if not conv.chosen.strip() or not conv.rejected.strip() else None)
     if reason:
@@ -514,7 +492,8 @@ def text_filter(conv, stats):
 
 
 def token_filter_and_truncate(p, c, r, max_length, max_prompt_length, stats):
-    """Drop pairs whose prompt is too long, then cut responses to max_length; a TokenizedPair or None."""
+    """Drop a pair whose prompt is too long (over max_prompt_length), else cut its responses to max_length (never
+    the prompt; a pair whose answers become identical is dropped too): a TokenizedPair or None."""
     room = max_length - len(p)
     drops = [("empty_prompt", len(p) == 0),                  # nothing would predict the first response token
              ("prompt_too_long", len(p) > max_prompt_length),
@@ -533,8 +512,9 @@ class PairSet:
     """Tokenized pairs stored flat (int32), so that millions of tokens stay compact; indexing (and so iterating)
     gives TokenizedPair views, and .stats counts the rows read, kept, dropped and truncated, by reason."""
 
-    def __init__(self, pairs, stats=None, layout=None, template=None, files=()):
-        self.stats, self.layout, self.template, self.files = Counter(stats or {}), layout, template, list(files)
+    def __init__(self, pairs, stats=None, layout=None, template=None, files=(), chat_template=None):
+        self.stats, self.layout, self.files, self.template = Counter(stats or {}), layout, list(files), template
+        self.chat_template = chat_template          # the Jinja source the prompts were rendered with; None: raw
         parts = [[getattr(pr, f) for pr in pairs] for f in ("prompt_ids", "chosen_ids", "rejected_ids")]
         self.lengths = np.array([[len(x) for x in part] for part in parts], dtype=np.int64).T.reshape(-1, 3)  # (n, 3)
         self._flat = [np.concatenate(part).astype(np.int32) if part else np.zeros(0, np.int32) for part in parts]
@@ -551,8 +531,7 @@ class PairSet:
 
 
 def pairs_crc32(pairs):
-    """crc32 of the pairs' lengths and token ids, a cheap check that a resumed run batches the same pairs; equal for
-    a PairSet and a list of its TokenizedPairs (train.py holds eval pairs out as a list)."""
+    """crc32 of the pairs' lengths and tokens, which resume checks; the same for a PairSet and a list of its pairs."""
     pairs = pairs if isinstance(pairs, PairSet) else PairSet(pairs)
     crc = zlib.crc32(np.ascontiguousarray(pairs.lengths, np.int64))
     for side in pairs._flat:                    # the prompt, chosen and rejected tokens, in pair order
@@ -561,7 +540,7 @@ def pairs_crc32(pairs):
 
 
 def check_lengths(max_length, max_prompt_length):
-    """The one check of the two length limits (build_pairs and the entry points' flag checks call it)."""
+    """The one check of the two length limits, for build_pairs and the entry points' flags."""
     if not 0 < max_prompt_length <= max_length:
         raise DataError(f"need 0 < max_prompt_length ({max_prompt_length}) <= max_length ({max_length})")
 
@@ -574,15 +553,11 @@ def check_template(template):
 
 def parse_columns(spec):
     """--columns "prompt=q,chosen=good,rejected=bad" -> {"prompt": "q", ...}; None or "" -> None."""
-    if not spec:
-        return None
-    columns = {}
-    for item in spec.split(","):
-        role, _, name = (x.strip() for x in item.partition("="))
+    items = [tuple(x.strip() for x in item.partition("=")[::2]) for item in (spec or "").split(",") if spec]
+    for role, name in items:
         if role not in ROLES or not name:
-            raise DataError(f"--columns {spec}: {item!r} is not ROLE=COLUMN with ROLE one of {', '.join(ROLES)}")
-        columns[role] = name
-    return columns
+            raise DataError(f"--columns {spec}: {role}={name} is not ROLE=COLUMN with ROLE one of {', '.join(ROLES)}")
+    return dict(items) or None
 
 
 def build_pairs(source, tok, *, max_length=2048, max_prompt_length=1024, template="auto", split=None, columns=None):
@@ -612,7 +587,7 @@ def build_pairs(source, tok, *, max_length=2048, max_prompt_length=1024, templat
             flush()
     flush()
     stats["kept"] = len(pairs)
-    return PairSet(pairs, stats, layout=layout, template=template, files=files)
+    return PairSet(pairs, stats, layout=layout, template=template, files=files, chat_template=resolved(layout))
 
 
 def train_and_eval_pairs(source, split, eval_source, eval_split, eval_fraction, seed, tok, scratch_dir, *,
@@ -620,9 +595,9 @@ def train_and_eval_pairs(source, split, eval_source, eval_split, eval_fraction, 
     """The training and held-out pairs of an entry point (train.py, eval_rm.py train-rm), read one way.
 
     A source "synthetic" is data.py's synthetic set for that side, written under scratch_dir by the `writer` process
-    (under torchrun rank 0; `barrier` then lets the others read it). The eval pairs are eval_source's, or with
-    eval_split alone another split of source, else a seeded eval_fraction of the training pairs (none at 0).
-    -> (train pairs, eval pairs, origin: the sources read and their stats, eval_data None when held out)"""
+    (rank 0; `barrier` then lets the others read it). The eval pairs are eval_source's, or with eval_split alone
+    another split of source, else a seeded eval_fraction of the training pairs. -> (train pairs, eval pairs, origin:
+    the sources read and their stats (eval_data None when held out), the chat_template to export (None: raw text))"""
     sources = {"train": source, "eval": source if eval_source is None and eval_split is not None else eval_source}
     for side, name, n, synthetic_seed in (("train", f"synthetic_train_{synthetic_pairs}", synthetic_pairs, 0),
                                           ("eval", "synthetic_eval", 200, 1)):
@@ -632,7 +607,7 @@ def train_and_eval_pairs(source, split, eval_source, eval_split, eval_fraction, 
                 write_synthetic(sources[side], n, seed=synthetic_seed, split=side)
     if barrier is not None:
         barrier()
-    pairs, origin = {}, dict.fromkeys(("data", "data_stats", "eval_data", "eval_data_stats"))
+    pairs, origin = {}, dict.fromkeys(("data", "data_stats", "eval_data", "eval_data_stats", "chat_template"))
     for side, src, src_split in (("train", sources["train"], split), ("eval", sources["eval"], eval_split)):
         if side == "eval" and src is None:      # no eval data: hold out some of the training pairs
             pairs["train"], pairs["eval"] = hold_out(pairs["train"], eval_fraction, seed)
@@ -649,6 +624,7 @@ def train_and_eval_pairs(source, split, eval_source, eval_split, eval_fraction, 
             raise DataError(f"{side} data {where}: no usable pairs after filtering ({stats_line(pairs[side].stats)})")
         prefix = "" if side == "train" else "eval_"
         origin.update({f"{prefix}data": str(src), f"{prefix}data_stats": dict(pairs[side].stats)})
+        origin["chat_template"] = pairs["train"].chat_template
     return pairs["train"], pairs["eval"], origin
 
 
@@ -670,10 +646,9 @@ def hold_out(pairs, fraction, seed):
 class PackedBatch:
     """P pairs as one flat stream of N tokens in S segments, no padding; what model.py and train.py read.
 
-    With shared_prompt a segment is one pair, [prompt | chosen | rejected], so the prompt is computed once for both
-    answers; without it each sequence is a segment (len, 0, 0): [prompt | chosen] per pair, then [prompt | rejected].
-    A token sees the earlier tokens of its segment but a rejected token never a chosen one, and positions restart, so
-    every token (and so each of the M targets) sees exactly what it would in its own [prompt | answer] sequence."""
+    With shared_prompt a segment is a pair [prompt | chosen | rejected] (the prompt computed once), else a sequence
+    (len, 0, 0): [prompt | chosen] per pair, then [prompt | rejected]. A token sees the earlier tokens of its segment
+    (a rejected one no chosen one) and positions restart, exactly as in its own [prompt | answer] sequence."""
     input_ids: torch.Tensor      # (N,) long
     position_ids: torch.Tensor   # (N,) long; restarts per segment, rejected restarts at p
     seg_lens: torch.Tensor       # (S, 3) long, CPU: (shared_len, chosen_len, rejected_len) per segment
@@ -735,18 +710,22 @@ def pack_pairs(pairs, shared_prompt=True, prompt_loss=True):
 class PairBatcher:
     """This rank's PackedBatches, one epoch per `iter()`, deterministically from (seed, epoch).
 
-    A batch holds `batch_size` pairs, or packed pairs up to `max_tokens` tokens (a longer pair gets one of its own),
-    sorted by length within groups of `group_batches` batches so that a token budget fills evenly (default 50; 1 with
-    batch_size, where it would only make batches less random). Batch b goes to rank b % world_size, every rank the
-    same multiple of grad_accum batches, so that FSDP's collectives line up. Resume: state_dict() is (epoch, position
-    = micro-batches yielded) and the RESUME_SETTINGS, which load_state_dict() checks (other settings, other pairs)."""
+    A step is one global batch of unit = world_size x grad_accum micro-batches, rank-major (rank r's micro-batch a is
+    the step's r * grad_accum + a): every rank gets as many, and the ranks' ones concatenated are the global batch.
+    batch_size (pairs per micro-batch): a global batch is the next unit x batch_size pairs of the epoch's order, the
+    same for any split (1 rank x 2 micro-batches of 4 = 2 ranks x 1 of 4 = 1 x 1 of 8); the pairs that fill no whole
+    one are left out (another remainder each epoch), or make a smaller last step: with drop_remainder=False (eval)
+    or when they fill none. max_tokens: a micro-batch is packed pairs up to max_tokens on one rank, a step `unit`
+    consecutive ones. Length-sorted within groups of `group_batches` global batches (default 1) or micro-batches
+    (max_tokens: 50, so a budget fills evenly). Resume: state_dict() is (epoch, position) + the RESUME_SETTINGS."""
+    batch_plan = 2          # 2: global batches split rank-major (1, before: batch b on rank b % world_size)
     RESUME_SETTINGS = {"world_size": "world size", "seed": "seed", "batch_size": "batch size (pairs per micro-batch)",
-                       "max_tokens": "max tokens per micro-batch", "grad_accum": "grad_accum",
-                       "shared_prompt": "shared_prompt", "group_batches": "group_batches",
-                       "n_pairs": "number of pairs", "pairs_crc32": "checksum (crc32) of the pairs' tokens"}
+                       "max_tokens": "max tokens per micro-batch", "grad_accum": "grad_accum", "shared_prompt":
+                       "shared_prompt", "group_batches": "group_batches", "n_pairs": "number of pairs",
+                       "pairs_crc32": "checksum (crc32) of the pairs' tokens", "batch_plan": "batch plan"}
 
     def __init__(self, pairs, *, batch_size=None, max_tokens=None, seed=0, rank=0, world_size=1,
-                 shared_prompt=True, prompt_loss=True, grad_accum=1, group_batches=None):
+                 shared_prompt=True, prompt_loss=True, grad_accum=1, group_batches=None, drop_remainder=True):
         if (batch_size is None) == (max_tokens is None):
             raise DataError("give exactly one of batch_size (pairs per batch) or max_tokens (tokens per batch)")
         if not 0 <= rank < world_size:
@@ -755,50 +734,56 @@ class PairBatcher:
         if len(self.pairs) == 0:
             raise DataError("no pairs to batch (every row was dropped? see the PairSet's stats)")
         self.seed, self.rank, self.world_size, self.grad_accum = seed, rank, world_size, grad_accum
-        self.batch_size, self.max_tokens, self.shared_prompt, self.prompt_loss = (batch_size, max_tokens,
-                                                                                  shared_prompt, prompt_loss)
+        self.batch_size, self.max_tokens, self.drop_remainder = batch_size, max_tokens, drop_remainder
+        self.shared_prompt, self.prompt_loss, self.epoch, self.position = shared_prompt, prompt_loss, 0, 0
         self.group_batches = group_batches if group_batches is not None else 50 if max_tokens is not None else 1
         self.cost = self.pairs.lengths @ [1 if shared_prompt else 2, 1, 1]   # packed tokens per pair: p (or 2p) + c + r
-        self.n_pairs, self.epoch, self.position, self._plan = len(self.pairs), 0, 0, None
+        self.n_pairs, self._plan = len(self.cost), None
+        if max_tokens is not None and (over := int((self.cost > max_tokens).sum())):
+            raise DataError(f"max_tokens {max_tokens} is less than one pair: {over} of the {self.n_pairs} pairs pack "
+                            f"to more (the longest to {self.cost.max()}); raise max_tokens to that or lower max_length")
 
     @functools.cached_property
     def pairs_crc32(self):
         return pairs_crc32(self.pairs)                  # computed once, when a state is first saved or loaded
 
     def plan(self, epoch=None):
-        """This rank's batches (arrays of pair indices) for `epoch` (default: the current one)."""
+        """This rank's micro-batches (arrays of pair indices) for `epoch` (default: the current one)."""
         epoch = self.epoch if epoch is None else epoch
         if self._plan is not None and self._plan[0] == epoch:
             return self._plan[1]
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.cost))
-        pairs_per_batch = self.batch_size or max(1, self.max_tokens // max(1, int(self.cost.mean())))
-        group = self.group_batches * pairs_per_batch
-        size, budget = (np.ones_like(self.cost), self.batch_size) if self.batch_size else (self.cost, self.max_tokens)
-        batches = []
-        for g in range(0, len(order), group):
-            chunk = order[g:g + group]
-            chunk = chunk[np.argsort(-self.cost[chunk], kind="stable")]     # longest first within the group
-            start, used = 0, 0      # a batch ends before the pair that would take it over batch_size or max_tokens
-            for end, i in enumerate(chunk):
-                if end > start and used + size[i] > budget:
-                    batches.append(chunk[start:end])
-                    start, used = end, 0
-                used += size[i]
-            batches.append(chunk[start:])
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        unit = self.world_size * self.grad_accum           # then every rank gets the same multiple of grad_accum
-        kept = len(batches) // unit * unit
-        if kept == 0:
-            raise DataError(f"{len(self.cost)} pairs make {len(batches)} batches, fewer than world_size x "
-                            f"grad_accum = {unit}: use a smaller batch or more data")
-        info = {"epoch": epoch, "batches_per_rank": kept // self.world_size, "batches_dropped": len(batches) - kept,
-                "pairs_dropped": sum(map(len, batches[kept:])), "pairs_used": sum(map(len, batches[:kept]))}
-        self._plan = (epoch, batches[self.rank:kept:self.world_size], info)
-        return self._plan[1]
+        order, unit, size = rng.permutation(len(self.cost)), self.world_size * self.grad_accum, self.batch_size
+        longest_first = lambda o, n: [o[g:g + n][np.argsort(-self.cost[o[g:g + n]], kind="stable")]
+                                      for g in range(0, len(o), n)]        # o in runs of n pairs, each sorted
+        if size:
+            step, kept = unit * size, len(order) // (unit * size) * unit * size     # the rest fills no global batch
+            grouped = np.concatenate([order[:0], *longest_first(order[:kept], self.group_batches * step)])
+            micro = list(grouped.reshape(-1, step)[rng.permutation(kept // step)].reshape(-1, size))
+            if (not self.drop_remainder or kept == 0) and len(order) - kept >= unit:
+                micro += np.array_split(order[kept:], unit)    # a smaller last step (or the only one)
+        else:
+            micro, per_micro = [], max(1, self.max_tokens // int(self.cost.mean()))      # about, for the groups
+            for chunk in longest_first(order, self.group_batches * per_micro):
+                start, used = 0, 0      # a micro-batch ends before the pair that would take it over max_tokens
+                for end, i in enumerate(chunk):
+                    if end > start and used + self.cost[i] > self.max_tokens:
+                        micro.append(chunk[start:end])
+                        start, used = end, 0
+                    used += self.cost[i]
+                micro.append(chunk[start:])
+            micro = [micro[i] for i in rng.permutation(len(micro))][:len(micro) // unit * unit]
+        if not micro:
+            raise DataError(f"{len(order)} pairs make no step of world_size x grad_accum = {unit} micro-batches of "
+                            f"{f'{size} pairs' if size else f'up to {self.max_tokens} tokens'}: more data or less batch")
+        first, used = self.rank * self.grad_accum, sum(map(len, micro))     # this rank's first micro-batch of a step
+        mine = [m for s in range(0, len(micro), unit) for m in micro[s + first:s + first + self.grad_accum]]
+        self._plan = (epoch, mine, {"epoch": epoch, "steps": len(micro) // unit, "batches_per_rank": len(mine),
+                                    "pairs_used": used, "pairs_dropped": len(order) - used})
+        return mine
 
     def epoch_info(self, epoch=None):
-        """Counts for one epoch: batches per rank, and the remainder batches/pairs left out to keep ranks equal."""
+        """Counts for one epoch: steps, micro-batches per rank, the pairs used and those left out (the remainder)."""
         self.plan(epoch)
         return dict(self._plan[2])
 
@@ -871,15 +856,13 @@ def synthetic_split(prompt):
 
 
 def write_synthetic(path, n_pairs, seed=0, split=None):
-    """Write n_pairs synthetic pairs (layout (a)) to a parquet file, deterministically from seed; split="train" or
-    "eval" keeps only the prompts of that side of synthetic_split (None keeps all)."""
+    """n_pairs synthetic pairs, from seed, to a parquet file; split "train" or "eval": that side of synthetic_split."""
     rng, rows = random.Random(seed), []
     while len(rows) < n_pairs:
         row = _synthetic_example(rng)
         if split is None or synthetic_split(row[0]) == split:
             rows.append(row)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*rows))))), path)
     return path
 
@@ -887,8 +870,7 @@ def write_synthetic(path, n_pairs, seed=0, split=None):
 def oracle_correct(prompt, response):
     """True when `response` is the right answer to a synthetic `prompt` (surrounding whitespace ignored)."""
     for pattern, answer in _TASKS:
-        m = pattern.fullmatch(prompt.strip())
-        if m:
+        if m := pattern.fullmatch(prompt.strip()):
             return response.strip() == answer(m)
     raise DataError(f"not a synthetic prompt: {prompt!r}")
 
@@ -930,10 +912,9 @@ def format_stats(pairs, max_length):         # what --stats prints
         f"{int(np.percentile(v, q)):>5d}" for q in (50, 90, 99, 100)) for name, v in rows.items()]
     padded, unshared, shared = 2 * max_length * len(p), int((2 * p + c + r).sum()), int((p + c + r).sum())
     return "\n".join(lines + [
-        f"tokens per pair: padded to max_length {2 * max_length} (as the official code; {1 - unshared / padded:.1%} "
-        f"padding), packed {unshared / len(p):.1f}, packed shared-prompt {shared / len(p):.1f}",
-        f"prompt share of packed tokens {2 * p.sum() / unshared:.1%}: shared-prompt packing computes "
-        f"{1 - shared / unshared:.1%} fewer tokens ({unshared / shared:.2f}x), padding {padded / shared:.1f}x more"])
+        f"tokens per pair: padded to 2 x max_length {2 * max_length} (official code), packed {unshared / len(p):.1f}, "
+        f"shared-prompt {shared / len(p):.1f}; prompt share {2 * p.sum() / unshared:.1%}, so shared-prompt packing "
+        f"computes {unshared / shared:.2f}x fewer tokens, padding {padded / shared:.1f}x more"])
 
 
 def main(argv=None):
@@ -945,8 +926,7 @@ def main(argv=None):
     ap.add_argument("--template", default="auto", help="auto | zephyr | raw | path to a .jinja chat template")
     ap.add_argument("--max-length", type=int, default=2048, help="longest sequence; responses are truncated to fit")
     ap.add_argument("--max-prompt-length", type=int, default=1024, help="pairs with longer prompts are dropped")
-    ap.add_argument("--columns", default=None, metavar="ROLE=NAME,...",
-                    help=f"column names, e.g. prompt=q,chosen=good,rejected=bad (roles: {', '.join(ROLES)})")
+    ap.add_argument("--columns", default=None, metavar="ROLE=NAME,...", help=f"column names; roles: {', '.join(ROLES)}")
     ap.add_argument("--stats", action="store_true", help="print counts, length percentiles and padding compute")
     ap.add_argument("--show", type=int, default=0, metavar="N", help="print N examples with their spans marked")
     args = ap.parse_args(argv)
