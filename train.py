@@ -12,17 +12,22 @@ update if anything is NaN/inf, AdamW, schedule. Trainer.fit runs, logs, evaluate
 is built on the meta device, sharded with FSDP2 (dist.py), materialised, then loaded tensor by tensor.
 """
 import argparse
+import dataclasses
 import itertools
 import json
 import math
 import os
 import resource
 import shlex
+import signal
 import sys
 import time
 import uuid
 from contextlib import nullcontext
 from pathlib import Path
+
+if __name__ == "__main__":   # Ctrl-C while torch imports: one line, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted", file=sys.stderr) or 130))
 
 import torch
 from tqdm import tqdm
@@ -36,6 +41,7 @@ from dist import print0
 TINY_LR = 1e-3            # lr for the tiny from-scratch preset; the paper's 5e-6 is for fine-tuning 7B models
 PAPER_LR = 5e-6           # official Mistral-ORPO scripts
 MAX_BAD_STEPS = 5         # consecutive NaN/inf steps (each skipped) before the run stops
+BETAS = (0.9, 0.999)      # AdamW's (see build_optimizer)
 
 
 class UserError(ValueError):
@@ -47,16 +53,15 @@ class TrainingDiverged(RuntimeError):
 
 
 # bad input is the same on every rank, so under torchrun rank 0 alone says it
-BAD_INPUT = (UserError, data.DataError, model_lib.CheckpointError, model_lib.ModelConfigError)
+BAD_INPUT = (UserError, FileNotFoundError, data.DataError, model_lib.CheckpointError, model_lib.ModelConfigError)
 
 
 # -----------------------------------------------------------------------------
 # command line
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):   # every default, but no "None" where the help explains a model-dependent one
-        explained = action.default is None and "default" in (action.help or "")
-        return action.help if explained else super()._get_help_string(action)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):   # no "(default: None)" where the help explains it
+    def _get_help_string(self, a):
+        return a.help if a.default is None and "default" in (a.help or "") else super()._get_help_string(a)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the data's column names, e.g. prompt=question,chosen=good,rejected=bad or "
                         "conversations=turns (ShareGPT); default: the layouts' usual names")
     g.add_argument("--max-length", type=int, default=2048, help="max tokens of prompt + response (paper: 2048 UltraFeedback, 1024 HH-RLHF)")
-    g.add_argument("--max-prompt-length", type=int, default=1024, help="pairs with longer prompts are dropped (paper)")
+    g.add_argument("--max-prompt-length", type=int, default=None,
+                   help="pairs with longer prompts are dropped; default min(1024 (paper), --max-length)")
     g.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="include prompt tokens in L_SFT, as the official code and TRL do")
     g.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=True,
@@ -101,7 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lam", type=float, default=0.1, help="lambda, weight of L_OR (paper: 0.1 Mistral, 0.2 Llama-2, 0.25 Phi-2); 0 = plain SFT")
     g.add_argument("--lr", type=float, default=None, help=f"peak learning rate; default {PAPER_LR} (official scripts), {TINY_LR} for --model tiny")
     g.add_argument("--epochs", type=float, default=None, help="passes over the training pairs; default 5 (official scripts), 3 for tiny")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs); "
+                   "--resume may change the total (--max-steps/--epochs) only under --schedule constant or inverse_sqrt")
     g.add_argument("--batch-size", type=int, default=None,
                    help="pairs per optimizer step, global over ranks and micro-batches; default 32 (official), 16 for tiny")
     g.add_argument("--max-tokens", type=int, default=None,
@@ -119,7 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     g = p.add_argument_group("run")
     g.add_argument("--out", default="out", help="output dir: metrics.jsonl, run.json, ckpt/, best/, final/, data/")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/latest exactly (same data order, RNG)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/latest exactly (same data order, "
+                   "RNG): a flag that shapes the trajectory and differs from the checkpoint's is refused")
     g.add_argument("--save-every", type=int, default=None,
                    help="checkpoint every N steps (and at the end); default 500, 50 for tiny; 0 = only at the end")
     g.add_argument("--eval-every", type=int, default=None, help="eval every N steps (and at the end); default 500, 50 for tiny; 0 = only at the end")
@@ -131,7 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # the others fine-tune with the official Mistral-ORPO recipe
     tiny = args.model == "tiny"
     defaults = dict(lr=TINY_LR if tiny else PAPER_LR, epochs=3 if tiny else 5, batch_size=16 if tiny else 32,
-                    warmup_steps=10 if tiny else 200, save_every=50 if tiny else 500, eval_every=50 if tiny else 500)
+                    warmup_steps=10 if tiny else 200, save_every=50 if tiny else 500, eval_every=50 if tiny else 500,
+                    max_prompt_length=min(1024, args.max_length))
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -140,27 +149,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, dict | None]:
     """Every check of the flags, before any work, in one sentence naming the flag: else they fail late (--grad-accum 0
-    divides by zero) or quietly do something else. (The two that need the model's config are in check_model.)
-    Returns the checkpoint to resume from and its trainer state, or (None, None) for a fresh start."""
-    at_least = {"--grad-accum": (args.grad_accum, 1), "--log-every": (args.log_every, 1),
-                "--keep-checkpoints": (args.keep_checkpoints, 1), "--batch-size": (args.batch_size, 1),
-                "--max-tokens": (args.max_tokens, 1), "--max-steps": (args.max_steps, 1),
-                "--synthetic-pairs": (args.synthetic_pairs, 1), "--warmup-steps": (args.warmup_steps, 0),
-                "--save-every": (args.save_every, 0), "--eval-every": (args.eval_every, 0)}
-    for flag, (value, low) in at_least.items():
-        if value is not None and value < low:
-            off = " (0 = only at the end)" if low == 0 and flag != "--warmup-steps" else ""
-            raise UserError(f"{flag} {value}: must be at least {low}{off}")
-    # float ranges: a comparison with nan is False, so nan fails too
-    ranges = {"--lr": (args.lr, 0 < args.lr < math.inf, "a positive number"),
+    divides by zero) or quietly do something else (those that need the model are in check_model). Returns the
+    checkpoint to resume from and its trainer state, or (None, None) for a fresh start."""
+    at_least = {"--grad-accum": 1, "--log-every": 1, "--keep-checkpoints": 1, "--batch-size": 1, "--max-tokens": 1,
+                "--max-steps": 1, "--synthetic-pairs": 1, "--warmup-steps": 0, "--save-every": 0, "--eval-every": 0}
+    for flag, low in at_least.items():
+        if (value := getattr(args, flag[2:].replace("-", "_"))) is not None and value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}" + " (0 = only at the end)" * flag.endswith("every"))
+    # (value, ok, what it must be); a comparison with nan is False, so nan fails too
+    checks = {"--lr": (args.lr, 0 < args.lr < math.inf, "a positive number"),
               "--epochs": (args.epochs, 0 < args.epochs < math.inf, "a positive number"),
               "--lam": (args.lam, 0 <= args.lam < math.inf, "a number >= 0"),
               "--grad-clip": (args.grad_clip, 0 <= args.grad_clip < math.inf, "a number >= 0 (0 = no clipping)"),
               "--weight-decay": (args.weight_decay, 0 <= args.weight_decay < math.inf, "a number >= 0"),
               "--eval-fraction": (args.eval_fraction, 0 <= args.eval_fraction < 1,
                                   "in [0, 1): the share of the training pairs held out for eval"),
-              "--warmup-ratio": (args.warmup_ratio, 0 <= (args.warmup_ratio or 0) <= 1, "in [0, 1]")}
-    for flag, (value, ok, what) in ranges.items():
+              "--warmup-ratio": (args.warmup_ratio, 0 <= (args.warmup_ratio or 0) <= 1, "in [0, 1]"),
+              # numpy's legacy seeding (and so many a library) takes 32 bits
+              "--seed": (args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2**32 - 1]")}
+    for flag, (value, ok, what) in checks.items():
         if not ok:
             raise UserError(f"{flag} {value}: must be {what}")
     if args.split is not None and args.data is None:
@@ -191,11 +198,18 @@ def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, 
                         f"{saved['world_size']}, this run has {world_size}")
     if args.resume and not saved:
         print0(f"--resume: no checkpoint in {out / 'ckpt'}, starting from scratch")
+    if saved and "settings" not in saved:     # see check_settings
+        print0(f"warning: {latest} records no settings (an older train.py): the flags go unchecked against it")
     return latest, saved
 
 
-def check_model(args, config, device, compute_dtype) -> None:
-    """The flag checks that need the model's config: the kernel runs here, the model has enough positions."""
+def check_model(args, config, tok, device, compute_dtype) -> None:
+    """The flag checks that need the model's config: the kernel runs here, the model has enough positions and embeds
+    every token id (an id past the table is an IndexError, on CUDA a device-side assert)."""
+    if tok.vocab_size > config.vocab_size:
+        which = f"--tokenizer {args.tokenizer}" if args.tokenizer else "the tokenizer of --model"
+        raise UserError(f"{which} has {tok.vocab_size} ids but --model {args.model} embeds {config.vocab_size} "
+                        f"(vocab_size): use the model's own tokenizer, or one with at most {config.vocab_size} ids")
     if args.attention != "auto":
         try:
             model_lib.pick_attention(args.attention, device, compute_dtype, config.sliding_window)
@@ -205,6 +219,21 @@ def check_model(args, config, device, compute_dtype) -> None:
     if config.positions == "learned" and args.max_length > config.max_seq_len:
         raise UserError(f"--max-length {args.max_length} is longer than the {config.max_seq_len} positions "
                         f"{args.model} has learned; use --max-length {config.max_seq_len} or less")
+
+
+def check_settings(args, saved: dict | None, now: dict) -> None:
+    """--resume continues one trajectory: a setting in `now` (by the flag that sets it) that differs from the
+    checkpoint's is refused in one line (the optimizer and scheduler states would keep the old lr, the rest change
+    the run mid-way). One change is allowed: the total, under a schedule that ignores it (constant, inverse_sqrt)."""
+    for flag, value in json.loads(json.dumps(now)).items() if saved else ():   # as JSON has them: tuples are lists
+        old, total = saved.get("settings", {}).get(flag, value), flag == "--max-steps/--epochs"   # unknown: unchecked
+        if value != old and (not total or args.schedule == "cosine"):
+            if flag == "--model":
+                field = next(k for k in {**old, **value} if value.get(k) != old.get(k))
+                value, old = f"{args.model} ({field} {value[field]})", f"{field} {old.get(field)}"
+            why = " (cosine decays over the total: only constant and inverse_sqrt may grow)" if total else ""
+            raise UserError(f"{flag} {value} differs from the checkpoint's {old}{why}: resume with the saved value, "
+                            f"or start a new run in another --out")
 
 
 # -----------------------------------------------------------------------------
@@ -331,7 +360,19 @@ def build_optimizer(model, lr: float, weight_decay: float, device):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]     # norms, biases
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=1e-8, fused=device.type == "cuda")
+
+
+def warn_of(args, config, warmup: int, total: int, *pair_sets) -> None:
+    """A warmup as long as the run; pairs past a RoPE model's positions (past learned ones check_model refuses)."""
+    if warmup >= total:
+        print0(f"warning: {total} steps with warmup {warmup}: the lr never reaches its peak (max "
+               f"{args.lr * dist.lr_lambda(args.schedule, warmup, total)(total - 1):.1e} of {args.lr:.1e})")
+    long = sum(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) > config.max_seq_len
+               for p in itertools.chain(*pair_sets))
+    if long and config.positions == "rope":
+        print0(f"warning: {long} of {sum(map(len, pair_sets))} pairs are longer than the {config.max_seq_len} positions "
+               f"(max_position_embeddings) of --model {args.model}; --max-length {config.max_seq_len} cuts them")
 
 
 def warmup_steps(args, total_steps: int) -> int:
@@ -357,11 +398,18 @@ def attention_pairs(seg_lens: torch.Tensor) -> float:
 
 
 def step_flops(n_params: int, n_layers: int, d_attn: int, micro_batches) -> float:
-    """Model FLOPs of one optimizer step on this rank: 6 per parameter per token (forward + backward
-    matmuls) plus attention, QK^T and AV at 2 * d_attn FLOPs each per allowed (query, key) pair per
-    layer forward, x3 with backward: 12 * n_layers * d_attn per pair."""
+    """Model FLOPs of one optimizer step on this rank: 6 per matmul parameter (n_params, see matmul_params) per
+    token (forward + backward) plus attention, QK^T and AV at 2 * d_attn FLOPs each per allowed (query, key) pair
+    per layer forward, x3 with backward: 12 * n_layers * d_attn per pair."""
     return sum(6 * n_params * b.num_tokens + 12 * n_layers * d_attn * attention_pairs(b.seg_lens)
                for b in micro_batches)
+
+
+def matmul_params(model) -> int:
+    """The parameters MFU counts, as torchtitan (get_num_params(exclude_embedding=True)): not the input embedding
+    (nor OPT's learned positions), a lookup and no matmul; but a tied matrix is also the lm_head's: counted once."""
+    lookups = [p for n, p in model.named_parameters() if "embeddings" in n and p is not model.lm_head.weight]
+    return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lookups)
 
 
 def append_jsonl(path: Path, rec: dict) -> None:
@@ -376,19 +424,22 @@ class Trainer:
     """One run: __init__ builds it in fail-fast order (flags, --out and checkpoint, model config, data, weights),
     fit() trains it; it holds what they share, and the counters a checkpoint keeps besides weights and schedule."""
 
-    def __init__(self, args):
-        self.args, self.t_start = args, time.time()
+    def __init__(self, args, argv=()):
+        self.args, self.argv, self.t_start = args, list(argv), time.time()
         self.device = dist.compute_init(args.device)
         _, self.rank, _, self.world_size = dist.get_dist_info()
         ckpt, saved = check_args(args, self.world_size)
         compute_dtype = dist.resolve_dtype(args.dtype, self.device)
         torch.manual_seed(args.seed)
         self.config, ckpt_dir = model_lib.resolve_model(args.model)
-        check_model(args, self.config, self.device, compute_dtype)
-        try:   # --tokenizer, else the checkpoint's own, else (a weightless preset) the synthetic one (vocab <= 512)
-            self.tok = data.load_tokenizer(args.tokenizer or ckpt_dir or "synthetic")
-        except FileNotFoundError as e:
-            raise UserError(str(e)) from None
+        # --tokenizer, else the checkpoint's own, else (a weightless preset) the synthetic one (vocab <= 512)
+        self.tok = data.load_tokenizer(args.tokenizer or ckpt_dir or "synthetic")
+        check_model(args, self.config, self.tok, self.device, compute_dtype)
+        self.settings = {"--lr": args.lr, "--weight-decay": args.weight_decay, "AdamW betas": BETAS, "--lam": args.lam,
+                         "--grad-clip": args.grad_clip, "--schedule": args.schedule, "--prompt-loss": args.prompt_loss,
+                         "--shared-prompt": args.shared_prompt, "--dtype": str(compute_dtype).removeprefix("torch."),
+                         "--model": dataclasses.asdict(self.config)}
+        check_settings(args, saved, self.settings)     # before the data and the weights are read
         self.out, self.metrics_path = Path(args.out), Path(args.out) / "metrics.jsonl"
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -402,6 +453,10 @@ class Trainer:
                 raise UserError(f"{ckpt}: {e}") from None
         self.total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
         warmup = warmup_steps(args, self.total_steps)
+        more = {"--warmup-steps/--warmup-ratio": warmup, "--max-steps/--epochs": self.total_steps}
+        check_settings(args, saved, more)
+        self.settings.update(more)
+        warn_of(args, self.config, warmup, self.total_steps, train_pairs, eval_pairs)
         self.model = build_model(args, self.config, ckpt_dir, self.device, compute_dtype)
         self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
@@ -410,12 +465,12 @@ class Trainer:
         use_autocast = compute_dtype != torch.float32 and self.world_size == 1
         self.autocast = torch.autocast(self.device.type, dtype=compute_dtype) if use_autocast else nullcontext()
         # a sharded parameter reports its global shape; tied ones count once
-        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.n_params, self.n_matmul = sum(p.numel() for p in self.model.parameters()), matmul_params(self.model)
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "none"
         self.peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)   # for MFU; unknown: None
-        print0(f"model {args.model}: {self.n_params / 1e6:.2f}M params, {self.config.n_layers} layers | "
-               f"device {self.device} x {self.world_size} | dtype {compute_dtype} | lam {args.lam} | "
-               f"lr {args.lr} {args.schedule}, warmup {warmup} | "
+        print0(f"model {args.model}: {self.n_params / 1e6:.2f}M params ({self.n_matmul / 1e6:.2f}M in matmuls: MFU's 6N, "
+               f"as torchtitan), {self.config.n_layers} layers | device {self.device} x {self.world_size} | dtype "
+               f"{compute_dtype} | lam {args.lam} | lr {args.lr} {args.schedule}, warmup {warmup} | "
                f"batch {args.batch_size if args.max_tokens is None else f'{args.max_tokens} tokens/micro'} x accum "
                f"{args.grad_accum} | {self.total_steps} steps ({steps_per_epoch}/epoch)")
         self.resume(ckpt)
@@ -441,19 +496,25 @@ class Trainer:
             self.metrics_path.write_text("".join(l + "\n" for l in keep))
         print0(f"resumed from {ckpt} at step {self.step}")
 
-    def fit(self) -> None:
-        """Optimizer steps to the end, with logging, periodic eval and checkpoints; then finish()."""
+    def fit(self) -> int:
+        """Optimizer steps to the end, with logging, periodic eval and checkpoints; then finish(). -> exit status;
+        after SIGINT/SIGTERM a checkpoint of the step, the command that resumes, and 128 + the signal's number."""
         args, records = self.args, {"first": None, "last": None, "eval0": None}
-        if self.step >= self.total_steps:
-            return self.finish_completed_run()
+        if self.step >= self.total_steps:    # --resume of a complete run
+            return self.finish(records, complete=True)
         self.model.train()
         if self.step == 0 and args.eval_every:
             records["eval0"] = self.run_eval()        # the starting point of the eval curves
         # micro-batches epoch after epoch, from the batcher's current (maybe resumed) position
         stream = (batch for _ in itertools.count() for batch in self.batcher)
-        # the bar only on an interactive terminal: in a log file its redraws are noise (the lines say it all)
-        bar = tqdm(total=self.total_steps, initial=self.step, leave=False,
-                   disable=self.rank > 0 or not sys.stderr.isatty())
+        stop = []   # SIGINT/SIGTERM from here on: the first ends the run after its step, with a checkpoint
+        def on_signal(signum, frame):
+            if stop:    # the second: at once (os.write, os._exit: it may have interrupted a print, a collective)
+                os.write(2, f"a second signal ({signal.Signals(signum).name}): exiting at once\n".encode())
+                os._exit(128 + signum)
+            stop.append(signum)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, on_signal)
         while self.step < self.total_steps:
             t0 = time.time()
             micro = [next(stream) for _ in range(args.grad_accum)]
@@ -464,30 +525,31 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.time() - t0
-            if m["skipped"]:
-                print0(f"step {self.step}: non-finite loss or grad norm (loss {m['loss']}, grad norm "
-                       f"{m['grad_norm']}); step skipped ({self.bad_steps} in a row)")
             if self.step % args.log_every == 0 or self.step == self.total_steps or m["skipped"]:
                 records["last"] = self.log_step(m, micro, dt)
                 records["first"] = records["first"] or records["last"]
-            bar.update(1)
             if self.bad_steps >= MAX_BAD_STEPS:
                 raise TrainingDiverged(f"{self.bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping "
                                        f"at step {self.step} to protect the weights (last good checkpoint: "
                                        f"{self.out / 'ckpt'}/latest); try a lower --lr or --dtype float32")
             if self.step < self.total_steps:           # the last step is evaluated and saved by finish()
+                if signum := int(dist.all_reduce_max(stop[0] if stop else 0, self.device)):   # all ranks, one step
+                    saved, argv = self.save(), self.argv + ([] if "--resume" in self.argv else ["--resume"])
+                    run = "python" if self.world_size == 1 else f"torchrun --nproc_per_node {self.world_size}"
+                    print0(f"{signal.Signals(signum).name}: stopped at step {self.step}{', checkpoint written' * saved}; "
+                           f"resume with: {run} train.py {shlex.join(argv)}", file=sys.stderr)
+                    return 128 + signum   # as a shell reports a process the signal ended
                 if args.eval_every and self.step % args.eval_every == 0:
                     self.run_eval()
                 if args.save_every and self.step % args.save_every == 0:
                     self.save()
-        bar.close()
         return self.finish(records)
 
     def log_step(self, m: dict, micro, dt: float) -> dict:
         """The step's record with throughput, MFU, memory and time (collectives: all ranks call it); rank 0 logs it."""
         c = self.config
         totals = dist.all_reduce_sum({"tokens": sum(b.num_tokens for b in micro),
-                                      "flops": step_flops(self.n_params, c.n_layers, c.n_heads * c.head_dim, micro)},
+                                      "flops": step_flops(self.n_matmul, c.n_layers, c.n_heads * c.head_dim, micro)},
                                      self.device)
         mfu = totals["flops"] / dt / (self.peak_flops * self.world_size) if self.peak_flops else None
         mem = (torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda"
@@ -512,7 +574,8 @@ class Trainer:
         self.model.eval()
         m = evaluate(self.model, self.eval_batcher, self.args.lam, self.device, self.autocast)
         self.model.train()
-        improved, self.best_eval = m["loss"] < self.best_eval, min(m["loss"], self.best_eval)
+        improved = m["loss"] < self.best_eval and self.weights_finite()     # NaN/inf weights are never exported
+        self.best_eval = m["loss"] if improved else self.best_eval
         if improved and not self.args.no_export:
             dist.export_hf(self.model, self.config, self.tok, self.out / "best")
         if self.rank == 0:
@@ -523,50 +586,62 @@ class Trainer:
                        + (f" | best so far -> {self.out / 'best'}" if improved and not self.args.no_export else ""))
         return m
 
-    def save(self) -> None:
+    def save(self) -> bool:   # -> written
+        if not self.weights_finite():
+            print0(f"step {self.step}: the weights hold NaN/inf: no checkpoint written (the last good one stays)")
+            return False
         state = {"step": self.step, "epoch": self.epoch, "best_eval": self.best_eval, "bad_steps": self.bad_steps,
                  "run_id": self.run_id, "world_size": self.world_size, "scheduler": self.scheduler.state_dict(),
-                 "batcher": self.batcher.state_dict()}
+                 "batcher": self.batcher.state_dict(), "settings": self.settings}
         dist.save_checkpoint(self.out / "ckpt", self.step, self.model, self.optimizer, state,
                              keep=self.args.keep_checkpoints)
+        return True
 
-    def finish(self, records: dict) -> None:
-        """Final eval, checkpoint and HF export, then the summary: first and last step, eval before and after."""
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Every parameter finite, on every rank: each checks its own shards, then one all_reduce (no gather)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        return not dist.all_reduce_max(float(not torch.stack([t.isfinite().all() for t in local]).all()), self.device)
+
+    def finish(self, records: dict, complete=False) -> int:
+        """Final eval, checkpoint and HF export, then the summary of what was written: first and last step, eval
+        before and after. Of a run resumed complete, only a missing export (a kill while exporting). -> exit status:
+        1 when the weights hold NaN/inf (then neither checkpoint nor export is written)."""
         args, out, first, last, e0 = self.args, self.out, records["first"], records["last"], records["eval0"]
-        e1 = self.run_eval()
-        self.save()
-        if not args.no_export:
+        e1 = None if complete else self.run_eval()
+        finite = complete or self.save()
+        missing = finite and not args.no_export and not (complete and (out / "final" / "config.json").is_file())
+        if missing:
             dist.export_hf(self.model, self.config, self.tok, out / "final")
-        if first and last:
-            print0(f"done at step {self.step} after {time.time() - self.t_start:.0f}s | train nll {first['nll']:.3f} "
-                   f"-> {last['nll']:.3f} | log_odds {first['log_odds']:+.3f} -> {last['log_odds']:+.3f} | "
-                   f"reward_acc {first['reward_acc']:.2f} -> {last['reward_acc']:.2f}")
-        if e0 and e1:
-            print0(f"eval (held-out pairs): nll {e0['nll']:.3f} -> {e1['nll']:.3f} | log_odds {e0['log_odds']:+.3f} -> "
-                   f"{e1['log_odds']:+.3f} | reward_acc {e0['reward_acc']:.2f} -> {e1['reward_acc']:.2f}")
-        exported = "" if args.no_export else "final/ (HF model + tokenizer), best/ (best eval loss), "
-        print0(f"outputs in {out}/: {exported}run.json, ckpt/ (--resume), metrics.jsonl"
+        if complete:
+            print0(f"the run in {out} is already complete: its checkpoint is at step {self.step}, this run has "
+                   f"{self.total_steps} steps" + ("; wrote its missing export final/" if missing else ""))
+        for name, a, b in ((f"done at step {self.step} after {time.time() - self.t_start:.0f}s | train", first, last),
+                           ("eval (held-out pairs):", e0, e1)):
+            if a and b:
+                print0(f"{name} " + " | ".join(f"{k} {a[k]:.3f} -> {b[k]:.3f}" for k in ("nll", "log_odds", "reward_acc")))
+        outputs = {"final/config.json": "final/ (HF model + tokenizer)", "best/config.json": "best/ (best eval loss)",
+                   "ckpt/latest": "ckpt/ (--resume)"}
+        written = "".join(f"{what}, " for f, what in outputs.items() if (out / f).is_file())
+        print0(f"outputs in {out}/: {written}run.json, metrics.jsonl"
                + (", data/ (synthetic pairs)" if args.data is None else ""))
+        if not finite:
+            raise TrainingDiverged(f"the weights hold NaN/inf at step {self.step}: {out / 'final'} not written; try "
+                                   f"a lower --lr or --dtype float32")
         if not args.no_export:     # eval_rm.py evaluates OUT/final, reading OUT/run.json
             root = "" if str(out) == "out" else f" demo --root {shlex.quote(str(out))}"
             print0(f"evaluate with:  python eval_rm.py{root}")
-
-    def finish_completed_run(self) -> None:
-        """--resume of a complete run: no second final eval, no rewrite of the checkpoint; only a missing export."""
-        final = self.out / "final"
-        if not self.args.no_export and not (final / "config.json").is_file():
-            dist.export_hf(self.model, self.config, self.tok, final)
-            print0(f"the run in {self.out} was already complete at step {self.step}; wrote its missing export {final}")
-        else:
-            print0(f"the run in {self.out} is already complete: its checkpoint is at step {self.step}, this run has "
-                   f"{self.total_steps} steps (raise --max-steps or --epochs to train further)")
+        return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        Trainer(args).fit()
-        return 0
+    handlers = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:     # a signal before fit() raises KeyboardInterrupt: nothing to save yet
+        return Trainer(args, sys.argv[1:] if argv is None else argv).fit()
+    except KeyboardInterrupt:
+        print0("interrupted", file=sys.stderr)
+        return 130
     except TrainingDiverged as e:
         print0(f"error: {e}", file=sys.stderr)
         return 1
@@ -579,6 +654,8 @@ def main(argv=None) -> int:
         return 2
     finally:
         dist.compute_cleanup()
+        for s, handler in handlers.items():
+            signal.signal(s, handler or signal.SIG_DFL)
 
 
 if __name__ == "__main__":
