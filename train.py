@@ -4,7 +4,6 @@ Train a causal language model with ORPO (Hong, Lee & Thorne, 2024, arXiv 2403.07
     python train.py                                          # tiny model, synthetic pairs, CPU, under a minute
     python train.py --model mistral-7b --data uf.parquet     # one GPU
     torchrun --nproc_per_node 4 train.py --model mistral-7b --data uf.parquet --lam 0.1      # FSDP2, 4 GPUs
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
 
 One optimizer step is one call of train_step (as in torchtitan): grad_accum packed micro-batches (data.py), each
 ONE forward, the eq. 3 averages, L_OR per pair (orpo.py), the loss as eq. 6 reads, backward; then clip, skip the
@@ -49,7 +48,7 @@ class UserError(ValueError):
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps."""
+    """Too many consecutive non-finite steps, or non-finite weights at the end: exit status 1."""
 
 
 # bad input is the same on every rank, so under torchrun rank 0 alone says it
@@ -107,8 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lam", type=float, default=0.1, help="lambda, weight of L_OR (paper: 0.1 Mistral, 0.2 Llama-2, 0.25 Phi-2); 0 = plain SFT")
     g.add_argument("--lr", type=float, default=None, help=f"peak learning rate; default {PAPER_LR} (official scripts), {TINY_LR} for --model tiny")
     g.add_argument("--epochs", type=float, default=None, help="passes over the training pairs; default 5 (official scripts), 3 for tiny")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs); "
-                   "--resume may change the total (--max-steps/--epochs) only under --schedule constant or inverse_sqrt")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="pairs per optimizer step, global over ranks and micro-batches; default 32 (official), 16 for tiny")
     g.add_argument("--max-tokens", type=int, default=None,
@@ -127,7 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--out", default="out", help="output dir: metrics.jsonl, run.json, ckpt/, best/, final/, data/")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/latest exactly (same data order, "
-                   "RNG): a flag that shapes the trajectory and differs from the checkpoint's is refused")
+                   "RNG); a changed flag that shapes the run is refused, but for a new total (--max-steps/--epochs) "
+                   "under --schedule constant or inverse_sqrt")
     g.add_argument("--save-every", type=int, default=None,
                    help="checkpoint every N steps (and at the end); default 500, 50 for tiny; 0 = only at the end")
     g.add_argument("--eval-every", type=int, default=None, help="eval every N steps (and at the end); default 500, 50 for tiny; 0 = only at the end")
@@ -148,22 +147,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, dict | None]:
-    """Every check of the flags, before any work, in one sentence naming the flag: else they fail late (--grad-accum 0
-    divides by zero) or quietly do something else (those that need the model are in check_model). Returns the
-    checkpoint to resume from and its trainer state, or (None, None) for a fresh start."""
+    """Every check of the flags that needs no model, before any work, in one sentence naming the flag (else they fail
+    late or quietly do something else). -> the checkpoint to resume and its trainer state, or (None, None)."""
     at_least = {"--grad-accum": 1, "--log-every": 1, "--keep-checkpoints": 1, "--batch-size": 1, "--max-tokens": 1,
                 "--max-steps": 1, "--synthetic-pairs": 1, "--warmup-steps": 0, "--save-every": 0, "--eval-every": 0}
     for flag, low in at_least.items():
         if (value := getattr(args, flag[2:].replace("-", "_"))) is not None and value < low:
-            raise UserError(f"{flag} {value}: must be at least {low}" + " (0 = only at the end)" * flag.endswith("every"))
+            off = " (0 = only at the end)" if flag.endswith("every") else ""
+            raise UserError(f"{flag} {value}: must be at least {low}{off}")
     # (value, ok, what it must be); a comparison with nan is False, so nan fails too
     checks = {"--lr": (args.lr, 0 < args.lr < math.inf, "a positive number"),
               "--epochs": (args.epochs, 0 < args.epochs < math.inf, "a positive number"),
               "--lam": (args.lam, 0 <= args.lam < math.inf, "a number >= 0"),
               "--grad-clip": (args.grad_clip, 0 <= args.grad_clip < math.inf, "a number >= 0 (0 = no clipping)"),
               "--weight-decay": (args.weight_decay, 0 <= args.weight_decay < math.inf, "a number >= 0"),
-              "--eval-fraction": (args.eval_fraction, 0 <= args.eval_fraction < 1,
-                                  "in [0, 1): the share of the training pairs held out for eval"),
+              "--eval-fraction": (args.eval_fraction, 0 <= args.eval_fraction < 1, "in [0, 1): a share of the pairs"),
               "--warmup-ratio": (args.warmup_ratio, 0 <= (args.warmup_ratio or 0) <= 1, "in [0, 1]"),
               # numpy's legacy seeding (and so many a library) takes 32 bits
               "--seed": (args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2**32 - 1]")}
@@ -191,8 +189,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, 
     if saved and not args.resume:   # a fresh start beside another run's checkpoints would mix them (pruning, latest)
         raise UserError(f"--out {out} already holds checkpoints of an earlier run (step {saved['step']}); "
                         f"pass --resume to continue it, or choose another --out")
-    # DCP could reshard the weights, but the data order (batch b goes to rank b % world_size) and the
-    # per-rank RNG states could not follow: the run would not continue its trajectory
+    # DCP could reshard the weights, but not the data order (batch b to rank b % world_size) and per-rank RNG states
     if saved and saved["world_size"] != world_size:
         raise UserError(f"resume needs the same number of ranks: the checkpoint was written by "
                         f"{saved['world_size']}, this run has {world_size}")
@@ -207,9 +204,8 @@ def check_model(args, config, tok, device, compute_dtype) -> None:
     """The flag checks that need the model's config: the kernel runs here, the model has enough positions and embeds
     every token id (an id past the table is an IndexError, on CUDA a device-side assert)."""
     if tok.vocab_size > config.vocab_size:
-        which = f"--tokenizer {args.tokenizer}" if args.tokenizer else "the tokenizer of --model"
-        raise UserError(f"{which} has {tok.vocab_size} ids but --model {args.model} embeds {config.vocab_size} "
-                        f"(vocab_size): use the model's own tokenizer, or one with at most {config.vocab_size} ids")
+        raise UserError(f"--tokenizer {args.tokenizer or '(default)'} has {tok.vocab_size} ids but --model "
+                        f"{args.model} embeds {config.vocab_size} (vocab_size): use one with at most that many")
     if args.attention != "auto":
         try:
             model_lib.pick_attention(args.attention, device, compute_dtype, config.sliding_window)
@@ -371,8 +367,8 @@ def warn_of(args, config, warmup: int, total: int, *pair_sets) -> None:
     long = sum(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) > config.max_seq_len
                for p in itertools.chain(*pair_sets))
     if long and config.positions == "rope":
-        print0(f"warning: {long} of {sum(map(len, pair_sets))} pairs are longer than the {config.max_seq_len} positions "
-               f"(max_position_embeddings) of --model {args.model}; --max-length {config.max_seq_len} cuts them")
+        print0(f"warning: {long} of {sum(map(len, pair_sets))} pairs are longer than the {config.max_seq_len} "
+               f"positions (max_position_embeddings) of --model {args.model}; --max-length {config.max_seq_len} cuts them")
 
 
 def warmup_steps(args, total_steps: int) -> int:
@@ -435,11 +431,6 @@ class Trainer:
         # --tokenizer, else the checkpoint's own, else (a weightless preset) the synthetic one (vocab <= 512)
         self.tok = data.load_tokenizer(args.tokenizer or ckpt_dir or "synthetic")
         check_model(args, self.config, self.tok, self.device, compute_dtype)
-        self.settings = {"--lr": args.lr, "--weight-decay": args.weight_decay, "AdamW betas": BETAS, "--lam": args.lam,
-                         "--grad-clip": args.grad_clip, "--schedule": args.schedule, "--prompt-loss": args.prompt_loss,
-                         "--shared-prompt": args.shared_prompt, "--dtype": str(compute_dtype).removeprefix("torch."),
-                         "--model": dataclasses.asdict(self.config)}
-        check_settings(args, saved, self.settings)     # before the data and the weights are read
         self.out, self.metrics_path = Path(args.out), Path(args.out) / "metrics.jsonl"
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -453,9 +444,12 @@ class Trainer:
                 raise UserError(f"{ckpt}: {e}") from None
         self.total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
         warmup = warmup_steps(args, self.total_steps)
-        more = {"--warmup-steps/--warmup-ratio": warmup, "--max-steps/--epochs": self.total_steps}
-        check_settings(args, saved, more)
-        self.settings.update(more)
+        self.settings = {"--lr": args.lr, "--weight-decay": args.weight_decay, "AdamW betas": BETAS, "--lam": args.lam,
+                         "--grad-clip": args.grad_clip, "--schedule": args.schedule, "--prompt-loss": args.prompt_loss,
+                         "--shared-prompt": args.shared_prompt, "--dtype": str(compute_dtype).removeprefix("torch."),
+                         "--model": dataclasses.asdict(self.config), "--warmup-steps/--warmup-ratio": warmup,
+                         "--max-steps/--epochs": self.total_steps}
+        check_settings(args, saved, self.settings)     # before the weights are read
         warn_of(args, self.config, warmup, self.total_steps, train_pairs, eval_pairs)
         self.model = build_model(args, self.config, ckpt_dir, self.device, compute_dtype)
         self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay, self.device)
@@ -468,8 +462,8 @@ class Trainer:
         self.n_params, self.n_matmul = sum(p.numel() for p in self.model.parameters()), matmul_params(self.model)
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "none"
         self.peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)   # for MFU; unknown: None
-        print0(f"model {args.model}: {self.n_params / 1e6:.2f}M params ({self.n_matmul / 1e6:.2f}M in matmuls: MFU's 6N, "
-               f"as torchtitan), {self.config.n_layers} layers | device {self.device} x {self.world_size} | dtype "
+        print0(f"model {args.model}: {self.n_params / 1e6:.2f}M params ({self.n_matmul / 1e6:.2f}M in matmuls: MFU's "
+               f"6N, as torchtitan), {self.config.n_layers} layers | device {self.device} x {self.world_size} | dtype "
                f"{compute_dtype} | lam {args.lam} | lr {args.lr} {args.schedule}, warmup {warmup} | "
                f"batch {args.batch_size if args.max_tokens is None else f'{args.max_tokens} tokens/micro'} x accum "
                f"{args.grad_accum} | {self.total_steps} steps ({steps_per_epoch}/epoch)")
@@ -505,16 +499,10 @@ class Trainer:
         self.model.train()
         if self.step == 0 and args.eval_every:
             records["eval0"] = self.run_eval()        # the starting point of the eval curves
-        # micro-batches epoch after epoch, from the batcher's current (maybe resumed) position
         stream = (batch for _ in itertools.count() for batch in self.batcher)
-        stop = []   # SIGINT/SIGTERM from here on: the first ends the run after its step, with a checkpoint
-        def on_signal(signum, frame):
-            if stop:    # the second: at once (os.write, os._exit: it may have interrupted a print, a collective)
-                os.write(2, f"a second signal ({signal.Signals(signum).name}): exiting at once\n".encode())
-                os._exit(128 + signum)
-            stop.append(signum)
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, on_signal)
+        stop = []   # SIGINT/SIGTERM from here on: the first ends the run after its step, with a checkpoint; a second
+        for s in (signal.SIGINT, signal.SIGTERM):   # exits at once (even inside a collective; the last save stays)
+            signal.signal(s, lambda signum, _: os._exit(128 + signum) if stop else stop.append(signum))
         while self.step < self.total_steps:
             t0 = time.time()
             micro = [next(stream) for _ in range(args.grad_accum)]
@@ -529,15 +517,16 @@ class Trainer:
                 records["last"] = self.log_step(m, micro, dt)
                 records["first"] = records["first"] or records["last"]
             if self.bad_steps >= MAX_BAD_STEPS:
-                raise TrainingDiverged(f"{self.bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping "
-                                       f"at step {self.step} to protect the weights (last good checkpoint: "
-                                       f"{self.out / 'ckpt'}/latest); try a lower --lr or --dtype float32")
+                raise TrainingDiverged(f"{self.bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping at "
+                                       f"step {self.step} (last good checkpoint: {self.out / 'ckpt'}/latest); try a "
+                                       f"lower --lr or --dtype float32")
             if self.step < self.total_steps:           # the last step is evaluated and saved by finish()
                 if signum := int(dist.all_reduce_max(stop[0] if stop else 0, self.device)):   # all ranks, one step
                     saved, argv = self.save(), self.argv + ([] if "--resume" in self.argv else ["--resume"])
                     run = "python" if self.world_size == 1 else f"torchrun --nproc_per_node {self.world_size}"
-                    print0(f"{signal.Signals(signum).name}: stopped at step {self.step}{', checkpoint written' * saved}; "
-                           f"resume with: {run} train.py {shlex.join(argv)}", file=sys.stderr)
+                    print0(f"{signal.Signals(signum).name}: stopped at step {self.step}"
+                           f"{', checkpoint written' * saved}; resume with: {run} train.py {shlex.join(argv)}",
+                           file=sys.stderr)
                     return 128 + signum   # as a shell reports a process the signal ended
                 if args.eval_every and self.step % args.eval_every == 0:
                     self.run_eval()
@@ -604,9 +593,8 @@ class Trainer:
         return not dist.all_reduce_max(float(not torch.stack([t.isfinite().all() for t in local]).all()), self.device)
 
     def finish(self, records: dict, complete=False) -> int:
-        """Final eval, checkpoint and HF export, then the summary of what was written: first and last step, eval
-        before and after. Of a run resumed complete, only a missing export (a kill while exporting). -> exit status:
-        1 when the weights hold NaN/inf (then neither checkpoint nor export is written)."""
+        """Final eval, checkpoint and HF export (none of NaN/inf weights: TrainingDiverged), then a summary of what was
+        written. Of a run resumed complete, only a missing export (killed while exporting). -> exit status"""
         args, out, first, last, e0 = self.args, self.out, records["first"], records["last"], records["eval0"]
         e1 = None if complete else self.run_eval()
         finite = complete or self.save()
@@ -619,7 +607,7 @@ class Trainer:
         for name, a, b in ((f"done at step {self.step} after {time.time() - self.t_start:.0f}s | train", first, last),
                            ("eval (held-out pairs):", e0, e1)):
             if a and b:
-                print0(f"{name} " + " | ".join(f"{k} {a[k]:.3f} -> {b[k]:.3f}" for k in ("nll", "log_odds", "reward_acc")))
+                print0(name, " | ".join(f"{k} {a[k]:.3f} -> {b[k]:.3f}" for k in ("nll", "log_odds", "reward_acc")))
         outputs = {"final/config.json": "final/ (HF model + tokenizer)", "best/config.json": "best/ (best eval loss)",
                    "ckpt/latest": "ckpt/ (--resume)"}
         written = "".join(f"{what}, " for f, what in outputs.items() if (out / f).is_file())
@@ -642,16 +630,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print0("interrupted", file=sys.stderr)
         return 130
-    except TrainingDiverged as e:
-        print0(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("ORPO_DEBUG"):
-            raise
+    except (TrainingDiverged, ValueError, FileNotFoundError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        # bad input is the same on every rank: said once; anything else may be one rank's alone
-        (print0 if isinstance(e, BAD_INPUT) else print)(f"error: {msg}", file=sys.stderr)
-        return 2
+        # bad input (and a divergence) is the same on every rank: said once; anything else may be one rank's alone
+        (print0 if isinstance(e, (*BAD_INPUT, TrainingDiverged)) else print)(f"error: {msg}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingDiverged) else 2
     finally:
         dist.compute_cleanup()
         for s, handler in handlers.items():
