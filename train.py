@@ -4,7 +4,6 @@ Train a causal language model with ORPO (Hong, Lee & Thorne, 2024, arXiv 2403.07
     python train.py                                          # tiny model, synthetic pairs, CPU, under a minute
     python train.py --model mistral-7b                       # one GPU, the paper's UltraFeedback and lambda
     torchrun --nproc_per_node 4 train.py --model mistral-7b --data uf.parquet --lam 0.1      # FSDP2, 4 GPUs
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
 
 One optimizer step is one call of train_step (as in torchtitan): grad_accum packed micro-batches (data.py), each
 ONE forward, the eq. 3 averages, L_OR per pair (orpo.py), the loss as eq. 6 reads, backward; then clip, skip the
@@ -14,6 +13,7 @@ is built on the meta device, sharded with FSDP2 (dist.py), materialised, then lo
 import argparse
 import hashlib
 import importlib.util
+import dataclasses
 import itertools
 import json
 import math
@@ -23,11 +23,15 @@ import resource
 import shlex
 import shutil
 import subprocess
+import signal
 import sys
 import time
 import uuid
 from contextlib import nullcontext
 from pathlib import Path
+
+if __name__ == "__main__":   # Ctrl-C while torch imports: one line, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted", file=sys.stderr) or 130))
 
 import torch
 from tqdm import tqdm
@@ -44,6 +48,7 @@ MAX_BAD_STEPS = 5         # consecutive NaN/inf steps (each skipped) before the 
 UF, UF_SPLITS = "HuggingFaceH4/ultrafeedback_binarized", ("train_prefs", "test_prefs")   # the paper's (Mistral-ORPO-α)
 PAPER_LAM = {"mistral-7b": 0.1, "llama2-7b": 0.2, "phi-2": 0.25}   # the paper's lambdas; the official scripts': 0.1
 MODULES = ("torch", "safetensors", "tokenizers", "huggingface_hub")   # whose versions run.json records
+BETAS = (0.9, 0.999)      # AdamW's (see build_optimizer)
 
 
 class UserError(ValueError):
@@ -51,11 +56,11 @@ class UserError(ValueError):
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps."""
+    """Too many consecutive non-finite steps, or non-finite weights at the end: exit status 1."""
 
 
 # bad input is the same on every rank, so under torchrun rank 0 alone says it
-BAD_INPUT = (UserError, data.DataError, model_lib.CheckpointError, model_lib.ModelConfigError)
+BAD_INPUT = (UserError, FileNotFoundError, data.DataError, model_lib.CheckpointError, model_lib.ModelConfigError)
 
 
 # -----------------------------------------------------------------------------
@@ -64,48 +69,51 @@ BAD_INPUT = (UserError, data.DataError, model_lib.CheckpointError, model_lib.Mod
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="ORPO: SFT + lam * odds-ratio penalty, one stage, no reference model.")
-    p.add_argument("--model", default="tiny", help="a model.py preset (tiny, mistral-7b, ...), a local HF dir or a Hub id")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto = bfloat16 on CUDA, else float32")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    p.add_argument("--attention", default="auto", choices=model_lib.KERNELS, help="auto = flash, else varlen, else sdpa (CPU)")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--data", help=f"pairs: parquet file, folder, glob, Hub id or synthetic (data.py's); a checkpoint's: {UF}")
-    p.add_argument("--split", help=f"split of --data to train on ({UF_SPLITS[0]} for {UF})")
-    p.add_argument("--eval-data", help="held-out pairs, in the forms of --data (a Hub id needs --eval-split)")
-    p.add_argument("--eval-split", help=f"split of --eval-data, else of --data ({UF_SPLITS[1]} for {UF})")
-    p.add_argument("--eval-fraction", type=float, default=0.05, help="else hold out this fraction of the training pairs")
-    p.add_argument("--tokenizer", help="tokenizer dir; None: the model's (synthetic for tiny)")
-    p.add_argument("--template", default="auto", help="auto (HH-RLHF raw, else the tokenizer's or Zephyr's) | zephyr | raw | a .jinja file")
-    p.add_argument("--columns", help="the data's column names, e.g. prompt=q,chosen=good,rejected=bad or conversations=turns")
-    p.add_argument("--max-length", type=int, default=2048, help="max tokens of prompt + response (paper: 2048 UltraFeedback, 1024 HH-RLHF)")
-    p.add_argument("--max-prompt-length", type=int, default=1024, help="pairs with longer prompts are dropped (paper)")
-    p.add_argument("--prompt-loss", action=argparse.BooleanOptionalAction, default=True, help="prompt tokens in L_SFT (official code, TRL)")
-    p.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=True, help="pack [prompt|chosen|rejected]: same loss")
-    p.add_argument("--synthetic-pairs", type=int, default=2000, help="size of the synthetic train set")
-    p.add_argument("--lam", type=float, help="weight of L_OR (0: SFT); the paper's: 0.1 mistral-7b, 0.2 llama2-7b, 0.25 phi-2")
-    p.add_argument("--lr", type=float, help=f"peak learning rate; {PAPER_LR} for a checkpoint (official scripts)")
-    p.add_argument("--epochs", type=float, help="passes over the training pairs; 5 for a checkpoint (official scripts)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, help="pairs per optimizer step, over all ranks and micro-batches; 32 official")
-    p.add_argument("--max-tokens", type=int, help="instead of --batch-size: tokens per micro-batch per rank (length-grouped)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--warmup-steps", type=int, help="linear warmup steps; 200 for a checkpoint (official scripts)")
-    p.add_argument("--warmup-ratio", type=float, help="instead of --warmup-steps: fraction of total steps, rounded up")
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "inverse_sqrt", "constant"], help="cosine: paper; inverse_sqrt: official")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official scripts: 0)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 disables clipping")
-    p.add_argument("--seed", type=int, default=42, help="seed of the random init (tiny) and of the data order")
-    p.add_argument("--out", default="out", help="output dir: metrics.jsonl, run.json, curves.png, ckpt/, best/, final/")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt/latest exactly (same data order, RNG)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps and at the end (0: only then); 500 for a checkpoint")
-    p.add_argument("--eval-every", type=int, help="eval every N steps and at the end (0: only then); 500 for a checkpoint")
-    p.add_argument("--log-every", type=int, default=1, help="log a metrics line every N steps")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep (at least 1)")
-    p.add_argument("--no-export", action="store_true", help="skip the final HF export (and the best/ export)")
-    p.add_argument("--comm-timeout", type=float, default=dist.COMM_TIMEOUT_S,
-                   help="seconds a collective waits for the other ranks before the job stops (a stalled or dead rank)")
-    p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also log to TensorBoard or W&B")
+    add = p.add_argument
+    add("--model", default="tiny", help="a model.py preset (tiny, mistral-7b, ...), a local HF dir or a Hub id")
+    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto = bfloat16 on CUDA, else float32")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+    add("--attention", default="auto", choices=model_lib.KERNELS, help="auto = flash, else varlen, else sdpa (CPU)")
+    add("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    add("--compile", action="store_true", help="torch.compile each transformer block")
+    add("--data", help=f"pairs: parquet file, folder, glob, Hub id or synthetic (data.py's); a checkpoint's: {UF}")
+    add("--split", help=f"split of --data to train on ({UF_SPLITS[0]} for {UF})")
+    add("--eval-data", help="held-out pairs, in the forms of --data (a Hub id needs --eval-split)")
+    add("--eval-split", help=f"split of --eval-data, else of --data ({UF_SPLITS[1]} for {UF})")
+    add("--eval-fraction", type=float, default=0.05, help="else hold out this fraction of the training pairs")
+    add("--tokenizer", help="tokenizer dir; None: the model's (synthetic for tiny)")
+    add("--template", default="auto", help="auto (HH-RLHF raw, else the tokenizer's or Zephyr's) | zephyr | raw | .jinja")
+    add("--columns", help="the data's column names, e.g. prompt=q,chosen=good,rejected=bad or conversations=turns")
+    add("--max-length", type=int, default=2048, help="max prompt + response tokens (paper: 2048 UltraFeedback, 1024 HH)")
+    add("--max-prompt-length", type=int, help="longer prompts are dropped; None: min(1024 (paper), --max-length)")
+    add("--prompt-loss", action=argparse.BooleanOptionalAction, default=True, help="prompt tokens in L_SFT (as TRL)")
+    add("--shared-prompt", action=argparse.BooleanOptionalAction, default=True, help="pack [prompt|chosen|rejected]")
+    add("--synthetic-pairs", type=int, default=2000, help="size of the synthetic train set")
+    add("--lam", type=float, help="weight of L_OR (0: SFT); the paper's: 0.1 mistral-7b, 0.2 llama2-7b, 0.25 phi-2")
+    add("--lr", type=float, help=f"peak learning rate; {PAPER_LR} for a checkpoint (official scripts)")
+    add("--epochs", type=float, help="passes over the training pairs; 5 for a checkpoint (official scripts)")
+    add("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    add("--batch-size", type=int, help="pairs per optimizer step, over all ranks and micro-batches; 32 official")
+    add("--max-tokens", type=int, help="instead of --batch-size: tokens per micro-batch per rank (length-grouped)")
+    add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    add("--warmup-steps", type=int, help="linear warmup steps; 200 for a checkpoint (official scripts)")
+    add("--warmup-ratio", type=float, help="instead of --warmup-steps: fraction of total steps, rounded up")
+    add("--schedule", default="cosine", choices=["cosine", "inverse_sqrt", "constant"],
+        help="after warmup, as transformers: cosine to 0 (paper), inverse_sqrt (official scripts), constant")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official scripts: 0)")
+    add("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 disables clipping")
+    add("--seed", type=int, default=42, help="seed of the random init (tiny) and of the data order")
+    add("--out", default="out", help="output dir: metrics.jsonl, run.json, curves.png, ckpt/, best/, final/")
+    add("--resume", action="store_true", help="continue OUT/ckpt exactly; a changed flag that shapes the run is "
+        "refused, but a new total (--max-steps/--epochs) under --schedule constant or inverse_sqrt")
+    add("--save-every", type=int, help="checkpoint every N steps and at the end (0: only then); 500 for a checkpoint")
+    add("--eval-every", type=int, help="eval every N steps and at the end (0: only then); 500 for a checkpoint")
+    add("--log-every", type=int, default=1, help="log a metrics line every N steps")
+    add("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep (at least 1)")
+    add("--no-export", action="store_true", help="skip the final HF export (and the best/ export)")
+    add("--comm-timeout", type=float, default=dist.COMM_TIMEOUT_S, help="seconds a collective waits for the other "
+        "ranks before the job stops (a stalled or dead rank)")
+    add("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also log to TensorBoard or W&B")
     # the model's defaults (--help shows them): the tiny preset trains from scratch in under a minute on the synthetic
     # pairs; a checkpoint fine-tunes as the official scripts did, on the paper's UltraFeedback (as Mistral-ORPO-α)
     pre = argparse.ArgumentParser(add_help=False)
@@ -116,6 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    epochs=3 if tiny else 5, batch_size=16 if tiny else 32, warmup_steps=10 if tiny else 200,
                    save_every=50 if tiny else 500, eval_every=50 if tiny else 500)
     args = p.parse_args(argv)
+    if args.max_prompt_length is None:
+        args.max_prompt_length = min(1024, args.max_length)
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:   # optional: said before any work
         p.exit(2, f"error: --report-to {args.report_to}: {args.report_to} is not installed (pip install {args.report_to})\n")
     if args.data == UF:   # its splits, as the paper: train_prefs, evaluated on test_prefs
@@ -126,28 +136,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, dict | None]:
-    """Every check of the flags, before any work, in one sentence naming the flag: else they fail late (--grad-accum 0
-    divides by zero) or quietly do something else. (The two that need the model's config are in check_model.)
-    Returns the checkpoint to resume from and its trainer state, or (None, None) for a fresh start."""
-    at_least = {"--grad-accum": (args.grad_accum, 1), "--log-every": (args.log_every, 1),
-                "--keep-checkpoints": (args.keep_checkpoints, 1), "--batch-size": (args.batch_size, 1),
-                "--max-tokens": (args.max_tokens, 1), "--max-steps": (args.max_steps, 1),
-                "--synthetic-pairs": (args.synthetic_pairs, 1), "--warmup-steps": (args.warmup_steps, 0),
-                "--save-every": (args.save_every, 0), "--eval-every": (args.eval_every, 0)}
-    for flag, (value, low) in at_least.items():
-        if value is not None and value < low:
-            off = " (0 = only at the end)" if low == 0 and flag != "--warmup-steps" else ""
+    """Every check of the flags that needs no model, before any work, in one sentence naming the flag (else they fail
+    late or quietly do something else). -> the checkpoint to resume and its trainer state, or (None, None)."""
+    at_least = {"--grad-accum": 1, "--log-every": 1, "--keep-checkpoints": 1, "--batch-size": 1, "--max-tokens": 1,
+                "--max-steps": 1, "--synthetic-pairs": 1, "--warmup-steps": 0, "--save-every": 0, "--eval-every": 0}
+    for flag, low in at_least.items():
+        if (value := getattr(args, flag[2:].replace("-", "_"))) is not None and value < low:
+            off = " (0 = only at the end)" if flag.endswith("every") else ""
             raise UserError(f"{flag} {value}: must be at least {low}{off}")
-    # float ranges: a comparison with nan is False, so nan fails too
-    ranges = {"--lr": (args.lr, 0 < args.lr < math.inf, "a positive number"),
+    # (value, ok, what it must be); a comparison with nan is False, so nan fails too
+    checks = {"--lr": (args.lr, 0 < args.lr < math.inf, "a positive number"),
               "--epochs": (args.epochs, 0 < args.epochs < math.inf, "a positive number"),
               "--lam": (args.lam, 0 <= args.lam < math.inf, "a number >= 0"),
               "--grad-clip": (args.grad_clip, 0 <= args.grad_clip < math.inf, "a number >= 0 (0 = no clipping)"),
               "--weight-decay": (args.weight_decay, 0 <= args.weight_decay < math.inf, "a number >= 0"),
-              "--eval-fraction": (args.eval_fraction, 0 <= args.eval_fraction < 1,
-                                  "in [0, 1): the share of the training pairs held out for eval"),
-              "--warmup-ratio": (args.warmup_ratio, 0 <= (args.warmup_ratio or 0) <= 1, "in [0, 1]")}
-    for flag, (value, ok, what) in ranges.items():
+              "--eval-fraction": (args.eval_fraction, 0 <= args.eval_fraction < 1, "in [0, 1): a share of the pairs"),
+              "--warmup-ratio": (args.warmup_ratio, 0 <= (args.warmup_ratio or 0) <= 1, "in [0, 1]"),
+              # numpy's legacy seeding (and so many a library) takes 32 bits
+              "--seed": (args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2**32 - 1]")}
+    for flag, (value, ok, what) in checks.items():
         if not ok:
             raise UserError(f"{flag} {value}: must be {what}")
     if args.split is not None and args.data is None:
@@ -170,18 +177,23 @@ def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, 
     if saved and not args.resume:   # a fresh start beside another run's checkpoints would mix them (pruning, latest)
         raise UserError(f"--out {out} already holds checkpoints of an earlier run (step {saved['step']}); "
                         f"pass --resume to continue it, or choose another --out")
-    # DCP could reshard the weights, but the data order (batch b goes to rank b % world_size) and the
-    # per-rank RNG states could not follow: the run would not continue its trajectory
+    # DCP could reshard the weights, but not the data order (batch b to rank b % world_size) and per-rank RNG states
     if saved and saved["world_size"] != world_size:
         raise UserError(f"resume needs the same number of ranks: the checkpoint was written by "
                         f"{saved['world_size']}, this run has {world_size}")
     if args.resume and not saved:
         print0(f"--resume: no checkpoint in {out / 'ckpt'}, starting from scratch")
+    if saved and "settings" not in saved:     # see check_settings
+        print0(f"warning: {latest} records no settings (an older train.py): the flags go unchecked against it")
     return latest, saved
 
 
-def check_model(args, config, device, compute_dtype) -> None:
-    """The flag checks that need the model's config: the kernel runs here, the model has enough positions."""
+def check_model(args, config, tok, device, compute_dtype) -> None:
+    """The flag checks that need the model's config: the kernel runs here, the model has enough positions and embeds
+    every token id (an id past the table is an IndexError, on CUDA a device-side assert)."""
+    if tok.vocab_size > config.vocab_size:
+        raise UserError(f"--tokenizer {args.tokenizer or '(default)'} has {tok.vocab_size} ids but --model "
+                        f"{args.model} embeds {config.vocab_size} (vocab_size): use one with at most that many")
     if args.attention != "auto":
         try:
             model_lib.pick_attention(args.attention, device, compute_dtype, config.sliding_window)
@@ -191,6 +203,21 @@ def check_model(args, config, device, compute_dtype) -> None:
     if config.positions == "learned" and args.max_length > config.max_seq_len:
         raise UserError(f"--max-length {args.max_length} is longer than the {config.max_seq_len} positions "
                         f"{args.model} has learned; use --max-length {config.max_seq_len} or less")
+
+
+def check_settings(args, saved: dict | None, now: dict) -> None:
+    """--resume continues one trajectory: a setting in `now` (by the flag that sets it) that differs from the
+    checkpoint's is refused in one line (the optimizer and scheduler states would keep the old lr, the rest change
+    the run mid-way). One change is allowed: the total, under a schedule that ignores it (constant, inverse_sqrt)."""
+    for flag, value in json.loads(json.dumps(now)).items() if saved else ():   # as JSON has them: tuples are lists
+        old, total = saved.get("settings", {}).get(flag, value), flag == "--max-steps/--epochs"   # unknown: unchecked
+        if value != old and (not total or args.schedule == "cosine"):
+            if flag == "--model":
+                field = next(k for k in {**old, **value} if value.get(k) != old.get(k))
+                value, old = f"{args.model} ({field} {value[field]})", f"{field} {old.get(field)}"
+            why = " (cosine decays over the total: only constant and inverse_sqrt may grow)" if total else ""
+            raise UserError(f"{flag} {value} differs from the checkpoint's {old}{why}: resume with the saved value, "
+                            f"or start a new run in another --out")
 
 
 # -----------------------------------------------------------------------------
@@ -324,7 +351,19 @@ def build_optimizer(model, lr: float, weight_decay: float, device):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]     # norms, biases
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=1e-8, fused=device.type == "cuda")
+
+
+def warn_of(args, config, warmup: int, total: int, *pair_sets) -> None:
+    """A warmup as long as the run; pairs past a RoPE model's positions (past learned ones check_model refuses)."""
+    if warmup >= total:
+        print0(f"warning: {total} steps with warmup {warmup}: the lr never reaches its peak (max "
+               f"{args.lr * dist.lr_lambda(args.schedule, warmup, total)(total - 1):.1e} of {args.lr:.1e})")
+    long = sum(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) > config.max_seq_len
+               for p in itertools.chain(*pair_sets))
+    if long and config.positions == "rope":
+        print0(f"warning: {long} of {sum(map(len, pair_sets))} pairs are longer than the {config.max_seq_len} "
+               f"positions (max_position_embeddings) of --model {args.model}; --max-length {config.max_seq_len} cuts them")
 
 
 def warmup_steps(args, total_steps: int) -> int:
@@ -350,11 +389,18 @@ def attention_pairs(seg_lens: torch.Tensor) -> float:
 
 
 def step_flops(n_params: int, n_layers: int, d_attn: int, micro_batches) -> float:
-    """Model FLOPs of one optimizer step on this rank: 6 per parameter per token (forward + backward
-    matmuls) plus attention, QK^T and AV at 2 * d_attn FLOPs each per allowed (query, key) pair per
-    layer forward, x3 with backward: 12 * n_layers * d_attn per pair."""
+    """Model FLOPs of one optimizer step on this rank: 6 per matmul parameter (n_params, see matmul_params) per
+    token (forward + backward) plus attention, QK^T and AV at 2 * d_attn FLOPs each per allowed (query, key) pair
+    per layer forward, x3 with backward: 12 * n_layers * d_attn per pair."""
     return sum(6 * n_params * b.num_tokens + 12 * n_layers * d_attn * attention_pairs(b.seg_lens)
                for b in micro_batches)
+
+
+def matmul_params(model) -> int:
+    """The parameters MFU counts, as torchtitan (get_num_params(exclude_embedding=True)): not the input embedding
+    (nor OPT's learned positions), a lookup and no matmul; but a tied matrix is also the lm_head's: counted once."""
+    lookups = [p for n, p in model.named_parameters() if "embeddings" in n and p is not model.lm_head.weight]
+    return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lookups)
 
 
 def metrics_logger(args, first_step: int):
@@ -417,19 +463,17 @@ class Trainer:
     """One run: __init__ builds it in fail-fast order (flags, --out and checkpoint, model config, data, weights),
     fit() trains it; it holds what they share, and the counters a checkpoint keeps besides weights and schedule."""
 
-    def __init__(self, args):
-        self.args, self.t_start = args, time.time()
+    def __init__(self, args, argv=()):
+        self.args, self.argv, self.t_start = args, list(argv), time.time()
         self.device = dist.compute_init(args.device, args.comm_timeout)
         _, self.rank, _, self.world_size = dist.get_dist_info()
         ckpt, saved = check_args(args, self.world_size)
         compute_dtype = dist.resolve_dtype(args.dtype, self.device)
         torch.manual_seed(args.seed)
         self.config, ckpt_dir = model_lib.resolve_model(args.model)
-        check_model(args, self.config, self.device, compute_dtype)
-        try:   # --tokenizer, else the checkpoint's own, else (a weightless preset) the synthetic one (vocab <= 512)
-            self.tok = data.load_tokenizer(args.tokenizer or ckpt_dir or "synthetic")
-        except FileNotFoundError as e:
-            raise UserError(str(e)) from None
+        # --tokenizer, else the checkpoint's own, else (a weightless preset) the synthetic one (vocab <= 512)
+        self.tok = data.load_tokenizer(args.tokenizer or ckpt_dir or "synthetic")
+        check_model(args, self.config, self.tok, self.device, compute_dtype)
         self.out, self.metrics_path = Path(args.out), Path(args.out) / "metrics.jsonl"
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -445,6 +489,13 @@ class Trainer:
                 raise UserError(f"{ckpt}: {e}") from None
         self.total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
         warmup = warmup_steps(args, self.total_steps)
+        self.settings = {"--lr": args.lr, "--weight-decay": args.weight_decay, "AdamW betas": BETAS, "--lam": args.lam,
+                         "--grad-clip": args.grad_clip, "--schedule": args.schedule, "--prompt-loss": args.prompt_loss,
+                         "--shared-prompt": args.shared_prompt, "--dtype": str(compute_dtype).removeprefix("torch."),
+                         "--model": dataclasses.asdict(self.config), "--warmup-steps/--warmup-ratio": warmup,
+                         "--max-steps/--epochs": self.total_steps}
+        check_settings(args, saved, self.settings)     # before the weights are read
+        warn_of(args, self.config, warmup, self.total_steps, train_pairs, eval_pairs)
         self.model = build_model(args, self.config, ckpt_dir, self.device, compute_dtype)
         self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
@@ -453,12 +504,12 @@ class Trainer:
         use_autocast = compute_dtype != torch.float32 and self.world_size == 1
         self.autocast = torch.autocast(self.device.type, dtype=compute_dtype) if use_autocast else nullcontext()
         # a sharded parameter reports its global shape; tied ones count once
-        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.n_params, self.n_matmul = sum(p.numel() for p in self.model.parameters()), matmul_params(self.model)
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "none"
         self.peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)   # for MFU; unknown: None
-        print0(f"model {args.model}: {self.n_params / 1e6:.2f}M params, {self.config.n_layers} layers | "
-               f"device {self.device} x {self.world_size} | dtype {compute_dtype} | lam {args.lam} | "
-               f"lr {args.lr} {args.schedule}, warmup {warmup} | "
+        print0(f"model {args.model}: {self.n_params / 1e6:.2f}M params ({self.n_matmul / 1e6:.2f}M in matmuls: MFU's "
+               f"6N, as torchtitan), {self.config.n_layers} layers | device {self.device} x {self.world_size} | dtype "
+               f"{compute_dtype} | lam {args.lam} | lr {args.lr} {args.schedule}, warmup {warmup} | "
                f"batch {args.batch_size if args.max_tokens is None else f'{args.max_tokens} tokens/micro'} x accum "
                f"{args.grad_accum} | {self.total_steps} steps ({steps_per_epoch}/epoch)")
         self.log = metrics_logger(args, first_step=saved['step'] + 1 if saved else 0) if self.rank == 0 else None
@@ -491,19 +542,19 @@ class Trainer:
             self.metrics_path.write_text("".join(l + "\n" for l in keep))
         print0(f"resumed from {ckpt} at step {self.step}")
 
-    def fit(self) -> None:
-        """Optimizer steps to the end, with logging, periodic eval and checkpoints; then finish()."""
+    def fit(self) -> int:
+        """Optimizer steps to the end, with logging, periodic eval and checkpoints; then finish(). -> exit status;
+        after SIGINT/SIGTERM a checkpoint of the step, the command that resumes, and 128 + the signal's number."""
         args, records = self.args, {"first": None, "last": None, "eval0": None}
-        if self.step >= self.total_steps:
-            return self.finish_completed_run()
+        if self.step >= self.total_steps:    # --resume of a complete run
+            return self.finish(records, complete=True)
         self.model.train()
         if self.step == 0 and args.eval_every:
             records["eval0"] = self.run_eval()        # the starting point of the eval curves
-        # micro-batches epoch after epoch, from the batcher's current (maybe resumed) position
         stream = (batch for _ in itertools.count() for batch in self.batcher)
-        # the bar only on an interactive terminal: in a log file its redraws are noise (the lines say it all)
-        bar = tqdm(total=self.total_steps, initial=self.step, leave=False,
-                   disable=self.rank > 0 or not sys.stderr.isatty())
+        stop = []   # SIGINT/SIGTERM from here on: the first ends the run after its step, with a checkpoint; a second
+        for s in (signal.SIGINT, signal.SIGTERM):   # exits at once (even inside a collective; the last save stays)
+            signal.signal(s, lambda signum, _: os._exit(128 + signum) if stop else stop.append(signum))
         while self.step < self.total_steps:
             t0 = time.time()
             micro = [next(stream) for _ in range(args.grad_accum)]
@@ -514,28 +565,30 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.time() - t0
-            if m["skipped"]:
-                print0(f"step {self.step}: non-finite loss or grad norm (loss {m['loss']}, grad norm "
-                       f"{m['grad_norm']}); step skipped ({self.bad_steps} in a row)")
             if self.step % args.log_every == 0 or self.step == self.total_steps or m["skipped"]:
                 records["last"] = self.log_step(m, micro, dt)
                 records["first"] = records["first"] or records["last"]
-            bar.update(1)
             if self.bad_steps >= MAX_BAD_STEPS:
-                raise TrainingDiverged(f"{self.bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping "
-                                       f"at step {self.step} to protect the weights (last good checkpoint: "
-                                       f"{self.out / 'ckpt'}/latest); try a lower --lr or --dtype float32")
+                raise TrainingDiverged(f"{self.bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping at "
+                                       f"step {self.step} (last good checkpoint: {self.out / 'ckpt'}/latest); try a "
+                                       f"lower --lr or --dtype float32")
             if self.step < self.total_steps:           # the last step is evaluated and saved by finish()
+                if signum := int(dist.all_reduce_max(stop[0] if stop else 0, self.device)):   # all ranks, one step
+                    saved, argv = self.save(), self.argv + ([] if "--resume" in self.argv else ["--resume"])
+                    run = "python" if self.world_size == 1 else f"torchrun --nproc_per_node {self.world_size}"
+                    print0(f"{signal.Signals(signum).name}: stopped at step {self.step}"
+                           f"{', checkpoint written' * saved}; resume with: {run} train.py {shlex.join(argv)}",
+                           file=sys.stderr)
+                    return 128 + signum   # as a shell reports a process the signal ended
                 if args.eval_every and self.step % args.eval_every == 0:
                     self.run_eval()
                 if args.save_every and self.step % args.save_every == 0:
                     self.save()
-        bar.close()
         return self.finish(records)
 
     def log_step(self, m: dict, micro, dt: float) -> dict:
         """The step's record with throughput, MFU, memory and time (collectives: all ranks call it); rank 0 logs it."""
-        flops = step_flops(self.n_params, self.config.n_layers, self.config.n_heads * self.config.head_dim, micro)
+        flops = step_flops(self.n_matmul, self.config.n_layers, self.config.n_heads * self.config.head_dim, micro)
         totals = dist.all_reduce_sum({"tokens": sum(b.num_tokens for b in micro), "flops": flops}, self.device)
         mfu = totals["flops"] / dt / (self.peak_flops * self.world_size) if self.peak_flops else None
         mem = (torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda"
@@ -560,7 +613,8 @@ class Trainer:
         self.model.eval()
         m = evaluate(self.model, self.eval_batcher, self.args.lam, self.device, self.autocast)
         self.model.train()
-        improved, self.best_eval = m["loss"] < self.best_eval, min(m["loss"], self.best_eval)
+        improved = m["loss"] < self.best_eval and self.weights_finite()     # NaN/inf weights are never exported
+        self.best_eval = m["loss"] if improved else self.best_eval
         if improved and not self.args.no_export:
             self.export(self.out / "best", m)
         if self.rank == 0:
@@ -570,49 +624,59 @@ class Trainer:
                        + (f" | best so far -> {self.out / 'best'}" if improved and not self.args.no_export else ""))
         return m
 
-    def save(self) -> None:
+    def save(self) -> bool:   # -> written
+        if not self.weights_finite():
+            print0(f"step {self.step}: the weights hold NaN/inf: no checkpoint written (the last good one stays)")
+            return False
         state = {"step": self.step, "epoch": self.epoch, "best_eval": self.best_eval, "bad_steps": self.bad_steps,
                  "run_id": self.run_id, "world_size": self.world_size, "scheduler": self.scheduler.state_dict(),
-                 "batcher": self.batcher.state_dict()}
+                 "batcher": self.batcher.state_dict(), "settings": self.settings}
         dist.save_checkpoint(self.out / "ckpt", self.step, self.model, self.optimizer, state,
                              keep=self.args.keep_checkpoints)
+        return True
 
-    def finish(self, records: dict) -> None:
-        """Final eval, checkpoint and HF export, then the summary: first and last step, eval before and after."""
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Every parameter finite, on every rank: each checks its own shards, then one all_reduce (no gather)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        return not dist.all_reduce_max(float(not torch.stack([t.isfinite().all() for t in local]).all()), self.device)
+
+    def finish(self, records: dict, complete=False) -> int:
+        """Final eval, checkpoint and HF export (none of NaN/inf weights: TrainingDiverged), then a summary of what was
+        written. Of a run resumed complete, only a missing export (killed while exporting). -> exit status"""
         args, out, first, last, e0 = self.args, self.out, records["first"], records["last"], records["eval0"]
-        e1 = self.run_eval()
-        self.save()
-        if not args.no_export:
+        e1 = None if complete else self.run_eval()
+        finite = complete or self.save()
+        missing = finite and not args.no_export and not (complete and (out / "final" / "config.json").is_file())
+        if missing:
             self.export(out / "final", e1)
         if self.rank == 0:
             plot_curves(self.metrics_path, out / "curves.png", title=f"ORPO, lam {args.lam}: {out.resolve().name}")
-        change = lambda a, b: " | ".join(f"{k} {a[k]:{f}} -> {b[k]:{f}}" for k, f in (("nll", ".3f"), ("log_odds", "+.3f"),
-                                                                                  ("reward_acc", ".2f")))
-        if first and last:
-            print0(f"done at step {self.step} after {time.time() - self.t_start:.0f}s | train {change(first, last)}"
-                   + (f"\neval (held-out pairs): {change(e0, e1)}" if e0 and e1 else ""))
-        exported = "" if args.no_export else "final/ and best/ (Hub-ready: weights, tokenizer, README.md card), "
-        print0(f"outputs in {out}/: {exported}run.json, curves.png, ckpt/ (--resume), metrics.jsonl"
+        if complete:
+            print0(f"the run in {out} is already complete: its checkpoint is at step {self.step}, this run has "
+                   f"{self.total_steps} steps" + ("; wrote its missing export final/" if missing else ""))
+        for name, a, b in ((f"done at step {self.step} after {time.time() - self.t_start:.0f}s | train", first, last),
+                           ("eval (held-out pairs):", e0, e1)):
+            if a and b:
+                print0(name, " | ".join(f"{k} {a[k]:.3f} -> {b[k]:.3f}" for k in ("nll", "log_odds", "reward_acc")))
+        outputs = {"final/config.json": "final/ and best/ (Hub-ready: weights, tokenizer, README.md card)",
+                   "ckpt/latest": "ckpt/ (--resume)"}
+        written = "".join(f"{what}, " for f, what in outputs.items() if (out / f).is_file())
+        print0(f"outputs in {out}/: {written}run.json, curves.png, metrics.jsonl"
                + (", data/ (synthetic pairs)" if args.data is None else ""))
+        if not finite:
+            raise TrainingDiverged(f"the weights hold NaN/inf at step {self.step}: {out / 'final'} not written; try "
+                                   f"a lower --lr or --dtype float32")
         if not args.no_export:     # eval_rm.py evaluates OUT/final, reading OUT/run.json
             root = "" if str(out) == "out" else f" demo --root {shlex.quote(str(out))}"
             print0(f"evaluate with:  python eval_rm.py{root}")
+        return 0
 
     def export(self, out_dir: Path, metrics: dict | None) -> None:
         """OUT/final or OUT/best as a Hub repo: weights, tokenizer, and from run.json generation config and model card."""
         run = json.loads((self.out / "run.json").read_text()) if self.rank == 0 else {}
         dist.export_hf(self.model, self.config, self.tok, out_dir, files=run and {"README.md": model_card(
             run, self.step, metrics), "generation_config.json": json.dumps(run.get("generation_config", {}), indent=2)})
-
-    def finish_completed_run(self) -> None:
-        """--resume of a complete run: no second final eval, no rewrite of the checkpoint; only a missing export."""
-        final = self.out / "final"
-        if not self.args.no_export and not (final / "config.json").is_file():
-            self.export(final, None)
-            print0(f"the run in {self.out} was already complete at step {self.step}; wrote its missing export {final}")
-        else:
-            print0(f"the run in {self.out} is already complete: its checkpoint is at step {self.step}, this run has "
-                   f"{self.total_steps} steps (raise --max-steps or --epochs to train further)")
 
 
 def model_card(run: dict, step: int, metrics: dict | None) -> str:
@@ -636,26 +700,26 @@ def model_card(run: dict, step: int, metrics: dict | None) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        Trainer(args).fit()
-        return 0
-    except TrainingDiverged as e:
-        print0(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("ORPO_DEBUG"):
-            raise
+    handlers = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:     # a signal before fit() raises KeyboardInterrupt: nothing to save yet
+        return Trainer(args, sys.argv[1:] if argv is None else argv).fit()
+    except KeyboardInterrupt:
+        print0("interrupted", file=sys.stderr)
+        return 130
+    except (TrainingDiverged, ValueError, FileNotFoundError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        # bad input is the same on every rank: said once; anything else may be one rank's alone
-        (print0 if isinstance(e, BAD_INPUT) else print)(f"error: {msg}", file=sys.stderr)
-        return 2
+        # bad input (and a divergence) is the same on every rank: said once; anything else may be one rank's alone
+        (print0 if isinstance(e, (*BAD_INPUT, TrainingDiverged)) else print)(f"error: {msg}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingDiverged) else 2
     except (OSError, RuntimeError) as e:   # a full disk, an unwritable --out, a stalled or dead rank: no traceback
-        if os.environ.get("ORPO_DEBUG") or not (line := dist.fault_line(e)):
+        if not (line := dist.fault_line(e)):
             raise
         print(f"error: {line}", file=sys.stderr)
         return 1
     finally:
         dist.compute_cleanup()
+        for s, handler in handlers.items():
+            signal.signal(s, handler or signal.SIG_DFL)
 
 
 if __name__ == "__main__":
