@@ -6,8 +6,7 @@ L_RM = -log sigmoid(r(x, y_w) - r(x, y_l)), scores each answer; A's win rate ove
 [r(A) > r(B)] + 0.5 [r(A) = r(B)], mean ± std over rounds of sampling seeds. On data.py's synthetic pairs an
 oracle that knows the right answers gives its own win rate and the RM's agreement with it.
 
-    python eval_rm.py                          # = demo --root out: the default `python train.py` run
-    python eval_rm.py demo --root OUT          # any train.py run, from the OUT/run.json it wrote
+    python eval_rm.py [demo --root OUT]        # any train.py run, from its OUT/run.json (default: out)
     python eval_rm.py train-rm --out runs/rm --init opt-350m --data pairs.parquet --eval-data test.parquet
     python eval_rm.py winrate --rm runs/rm --policy orpo=out/final --policy base=tiny --out runs/winrate
     torchrun --nproc_per_node 4 eval_rm.py winrate ...   # the same numbers, sampling split over 4 ranks
@@ -63,8 +62,7 @@ class RewardModel(nn.Module):
         # lm_head is never used: tied and bias-free, nothing of it is saved (transformers' classifier has none)
         self.backbone = model_lib.Transformer(dataclasses.replace(config, tie_embeddings=True, lm_head_bias=False))
         self.score = nn.Linear(config.embed_dim, 1, bias=False)   # the width of packed_hidden's output
-        # Zero init: every reward starts at 0, so training starts at L_RM = log 2 and chance accuracy.
-        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.weight)       # every reward starts at 0: L_RM starts at log 2, accuracy at chance
 
     def forward(self, input_ids, position_ids, seg_lens, last_rows):
         """Packed sequences in, one float32 reward per requested row out. (N,), (N,), (S, 3), (K,) -> (K,)"""
@@ -88,7 +86,6 @@ def batch_rewards(rm, batch, device):
     rejected] (shared prompt), else [prompt | chosen] for every pair, then [prompt | rejected]. -> (P,), (P,)"""
     seg_lens, P = batch.seg_lens.to(torch.long), batch.n_pairs                   # (S, 3) on CPU
     ends = torch.cumsum(seg_lens.sum(1), 0) - 1                                   # (S,) last row of each segment
-    # (pack_pairs refuses an empty prompt or answer: no segment's last row is another's)
     rows = torch.cat([ends - seg_lens[:, 2], ends] if batch.shared_prompt else [ends[:P], ends[P:]])   # (2P,)
     batch = batch.to(device)
     rewards = rm(batch.input_ids, batch.position_ids, batch.seg_lens, rows.to(device))                  # (2P,)
@@ -116,10 +113,9 @@ def build_reward_model(init, *, seed=42, device="cpu"):
 
 
 def save_reward_model(rm, out_dir, *, tokenizer=None, meta=None, state_dict=None):
-    """What AutoModelForSequenceClassification loads (the head as score.weight), META_FILE, and the tokenizer with
-    config.json's pad token; state_dict: a sharded `rm`'s gathered one."""
+    """What AutoModelForSequenceClassification loads (the head as score.weight), META_FILE and the tokenizer."""
     out_dir, config, tok = Path(out_dir), rm.backbone.config, tokenizer
-    sd = state_dict if state_dict is not None else rm.state_dict()
+    sd = state_dict if state_dict is not None else rm.state_dict()      # a sharded rm's: gathered by the caller
     # transformers reads the reward at the rightmost token that is not pad: any id but the EOS (or template text
     # after it) that ends every sequence. The tokenizer's pad, else id 0 (Llama's unk; GPT-2 has only EOS), or 1.
     pad = config.pad_token_id if tok is None else tok.pad_id if tok.pad_id not in (None, tok.eos_id) else \
@@ -136,13 +132,11 @@ def save_reward_model(rm, out_dir, *, tokenizer=None, meta=None, state_dict=None
 
 def read_rm_dir(rm_dir):
     """A reward-model directory, checked before anything is loaded. -> its META_FILE"""
-    rm_dir = Path(rm_dir)
-    if (rm_dir / "reward_head").is_dir():
-        raise EvalError(f"{rm_dir} holds a reward model in the old layout (its head in reward_head/, which "
-                        f"transformers cannot load): retrain it with `python eval_rm.py train-rm --out {rm_dir}`")
-    if not (rm_dir / META_FILE).is_file():
-        raise EvalError(f"{rm_dir} is not a reward model directory ({META_FILE} not found); "
-                        f"make one with `python eval_rm.py train-rm --out {rm_dir}`")
+    rm_dir, old = Path(rm_dir), (Path(rm_dir) / "reward_head").is_dir()
+    if old or not (rm_dir / META_FILE).is_file():
+        why = ("holds a reward model in the old layout (its head in reward_head/, which transformers cannot load): "
+               "retrain it" if old else f"is not a reward model directory ({META_FILE} not found); make one")
+        raise EvalError(f"{rm_dir} {why} with `python eval_rm.py train-rm --out {rm_dir}`")
     try:
         return json.loads((rm_dir / META_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -221,9 +215,9 @@ def reward_accuracy(rm, pairs, *, batch_size=32, device="cpu"):
 # -----------------------------------------------------------------------------------------------------------
 # Sampling and scoring, split over the ranks
 #
-# Work is cut into batches that depend only on the inputs (never on the number of ranks); rank k takes
-# batches k, k + W, k + 2W, ... and everything is gathered back in batch order. Each batch samples with its
-# own generator, seeded from (round seed, batch index), so 1 process and 8 give the same answers.
+# Work is cut into batches that depend only on the inputs (never on the number of ranks); rank k takes batches k,
+# k + W, ..., gathered back in order. Each batch samples with its own generator, seeded from (round seed, batch
+# index), so 1 process and 8 give the same answers.
 
 
 def derive_seed(*parts):
@@ -243,16 +237,13 @@ def sharded_map(n_jobs, fn, desc=None):
     return [results[k] for k in range(n_jobs)]
 
 
-@torch.no_grad()
-def sample_answers(policy, prompts, *, seed, batch_size=32, max_new_tokens=64, temperature=1.0, top_p=1.0,
-                   eos_id=None, device="cpu", desc=None):
-    """One sampled answer (new ids, EOS included) per prompt, the same on any world size; batched in length order."""
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+def sample_answers(policy, prompts, *, seed, batch_size=32, device="cpu", desc=None, **sampling):
+    """One sampled answer (new ids, EOS included) per prompt by generate(**sampling), the same on any world size."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))       # batched in length order
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     def run(k):
         generator = torch.Generator(device=device).manual_seed(derive_seed(seed, k))
-        return policy.generate([prompts[i] for i in batches[k]], max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, eos_id=eos_id, generator=generator)
+        return policy.generate([prompts[i] for i in batches[k]], generator=generator, **sampling)
     by_prompt = dict(zip(order, itertools.chain.from_iterable(sharded_map(len(batches), run, desc=desc))))
     return [[int(t) for t in by_prompt[i]] for i in range(len(prompts))]
 
@@ -260,13 +251,10 @@ def sample_answers(policy, prompts, *, seed, batch_size=32, max_new_tokens=64, t
 @torch.no_grad()
 def score(rm, sequences, *, max_tokens=8192, device="cpu", desc=None):
     """RM rewards (float64) of token lists, on every rank; repeated sequences are scored once, so they tie exactly."""
-    if any(len(s) == 0 for s in sequences):
-        raise EvalError("cannot score an empty sequence")
     unique = sorted(set(tuple(s) for s in sequences), key=lambda s: (len(s), s))
     bucket = np.cumsum([len(s) for s in unique]) // max_tokens      # about max_tokens a forward, in length order
     cuts = (np.flatnonzero(np.diff(bucket)) + 1).tolist()
     batches = [unique[a:b] for a, b in zip([0, *cuts], [*cuts, len(unique)])]
-
     def run(k):                                   # one segment per sequence: the unshared packed layout
         lengths = torch.tensor([len(s) for s in batches[k]], dtype=torch.long)          # (S,)
         input_ids = torch.tensor([t for s in batches[k] for t in s], dtype=torch.long)  # (N,)
@@ -274,15 +262,14 @@ def score(rm, sequences, *, max_tokens=8192, device="cpu", desc=None):
         seg_lens = torch.stack([lengths, torch.zeros_like(lengths), torch.zeros_like(lengths)], 1)  # (S, 3)
         last_rows = torch.cumsum(lengths, 0) - 1                                        # (S,)
         return rm(input_ids.to(device), position_ids.to(device), seg_lens, last_rows.to(device)).cpu().tolist()
-
     rewards = dict(zip(itertools.chain(*batches), itertools.chain(*sharded_map(len(batches), run, desc=desc))))
     return np.array([rewards[tuple(s)] for s in sequences], dtype=np.float64)
 
 
-def load_prompts(source, tokenizer, *, n_prompts=None, template="auto", split=None, max_prompt_length=1024, log=None):
+def load_prompts(source, tokenizer, *, n_prompts=None, template="auto", split=None, max_prompt_length=1024,
+                 log=lambda line: None):
     """The first n_prompts usable prompts of preference data, rendered as training renders them, each {"text": its
-    last user message (the oracle reads it), "ids", ...}; rows skipped are counted in stats, `log`ged with why.
-    -> (prompts, stats)"""
+    last user message (the oracle reads it), "ids", ...}; skipped rows counted (in a `log` line). -> (prompts, stats)"""
     stats, prompts = Counter(), []
     for where, layout, row in data.read_rows(data.resolve_files(source, split)):
         if n_prompts is not None and len(prompts) >= n_prompts:
@@ -305,8 +292,8 @@ def load_prompts(source, tokenizer, *, n_prompts=None, template="auto", split=No
     if not prompts:
         raise EvalError(f"no usable prompts in {source} ({dict(stats)})")
     why = ", ".join(f"{k[len('dropped/'):]} {v}" for k, v in sorted(stats.items()) if k.startswith("dropped/"))
-    (log or (lambda line: None))(f"prompts: {len(prompts)} usable from the first {stats['rows']} rows of {source} "
-                                 f"({stats['rows'] - len(prompts)} skipped: {why or 'none'})")
+    log(f"prompts: {len(prompts)} usable from the first {stats['rows']} rows of {source} "
+        f"({stats['rows'] - len(prompts)} skipped: {why or 'none'})")
     return prompts, stats
 
 
@@ -322,13 +309,10 @@ def scoring_sequences(tokenizer, prompts, answers, stats):
     """[(prompt index, answer text)] -> ids rendered exactly as data.py builds a training sequence: the raw sampled
     ids would put the RM's read-out on another last token (EOS, not the newline Zephyr writes after it)."""
     texts = []
-    for i, text in answers:
+    for i, text in answers:                  # raw text: the answer follows the prompt as it was sampled
         p = prompts[i]
-        if p["template"] is None:            # raw text: the answer follows the prompt as it was sampled
-            texts.append((p["prompt_text"], text, text))
-        else:
-            as_pair = data.Conversation(p["conversation"].history, text, text)
-            texts.append(data.render_texts(as_pair, p["template"], tokenizer, stats))
+        texts.append((p["prompt_text"], text, text) if p["template"] is None else data.render_texts(
+            data.Conversation(p["conversation"].history, text, text), p["template"], tokenizer, stats))
     return [[int(t) for t in p] + [int(t) for t in c] for p, c, _ in data.tokenize_texts(tokenizer, texts, stats)]
 
 
@@ -339,13 +323,13 @@ def evaluate_policies(rm, policies, prompts, *, tokenizer, policy_toks=None, rou
     time), score with the RM, compare every pair. -> win_rates' report + "rewards", "samples", "settings"."""
     names, n, render_stats = list(policies), len(prompts), Counter()
     sampling = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    toks = policy_toks if policy_toks is not None else policy_tokenizers(policies, tokenizer)
+    toks = policy_toks if policy_toks is not None else policy_tokenizers(policies, tokenizer, {})
     answers, texts, out_of_vocab = {}, {}, {}    # name -> [round][prompt] ids, [round][prompt] texts, a count
     for name in names:
         tok = toks[name]                         # not the RM's: every prompt rendered again, with its chat template
-        prompt_ids = [p["ids"] if tok is tokenizer else tok.encode(data.render_texts(
-            p["conversation"], data.resolve_template(p["template_option"], tok, p["layout"]), tok, Counter())[0])
-            for p in prompts]
+        render = lambda p: data.render_texts(p["conversation"], data.resolve_template(p["template_option"], tok,
+                                                                                        p["layout"]), tok, Counter())[0]
+        prompt_ids = [p["ids"] if tok is tokenizer else tok.encode(render(p)) for p in prompts]
         # a weightless preset (tiny) is initialised from init_seed, as train.py does it
         policy = model_lib.Transformer.from_pretrained(str(policies[name]), dtype=dtype, device=device, seed=init_seed)
         answers[name] = [sample_answers(policy, prompt_ids, seed=derive_seed(seed, r, name), eos_id=tok.eos_id,
@@ -359,8 +343,11 @@ def evaluate_policies(rm, policies, prompts, *, tokenizer, policy_toks=None, rou
                                                        for i, t in enumerate(row)], render_stats)
     flat = score(rm, sequences, device=device, desc="score").reshape(len(names), rounds, n)
     rewards = {name: flat[k] for k, name in enumerate(names)}                    # name -> (R, n)
-    correct = None if oracle is None else {name: np.array([[bool(oracle(prompts[i]["text"], t)) for i, t in
-                                                            enumerate(row)] for row in texts[name]]) for name in names}
+    judge = lambda row: [bool(oracle(prompts[i]["text"], t)) for i, t in enumerate(row)]        # (n,) a round
+    try:                                         # data.oracle_correct knows the answers of synthetic prompts only
+        correct = None if oracle is None else {name: np.array([judge(row) for row in texts[name]]) for name in names}
+    except ValueError:
+        correct = None
     report = win_rates(rewards, correct)
     for name in names:
         lengths = [len(a) for row in answers[name] for a in row]
@@ -396,7 +383,7 @@ def mean_std(values):
 
 
 def win_rates(rewards, correct=None):
-    """RM win rates of every ordered pair from {policy: (R, n) rewards}; with the oracle's {policy: (R, n) bool} its
+    """RM win rates of every ordered pair of {policy: (R, n) rewards}; with the oracle's {policy: (R, n) bool}, its
     win rates and the RM's agreement: where exactly one answer is correct, how often the RM prefers it (ties half)."""
     result = {"rm": {}, "policies": {}, **({} if correct is None else {"oracle": {}, "agreement": {}})}
     for a, ra in rewards.items():
@@ -421,8 +408,7 @@ def win_rates(rewards, correct=None):
 
 def table_rows(matrix, names, digits, corner, diagonal):
     """A win-rate table (Tables 2-3): rows are policies, columns their opponents, cells "mean ± std"."""
-    cell = lambda a, b: diagonal if a == b else \
-        f"{matrix[a][b]['mean']:.{digits}f} ± {matrix[a][b]['std']:.{digits}f}"
+    cell = lambda a, b: diagonal if a == b else f"{matrix[a][b]['mean']:.{digits}f} ± {matrix[a][b]['std']:.{digits}f}"
     return [[corner] + [f"vs {b}" for b in names]] + [[a] + [cell(a, b) for b in names] for a in names]
 
 
@@ -446,8 +432,7 @@ def summary_text(report):
 
 
 def figure_title(report):
-    """rewards.png's title: the first policy's RM win rate (mean ± std over rounds) over each other one, the prompts
-    and rounds, and the RM's held-out accuracy (from its reward_model.json, when it has one)."""
+    """rewards.png's title: the first policy's win rate over each other one, prompts, rounds, RM held-out accuracy."""
     names, s = list(report["policies"]), report["settings"]
     wins = ", ".join(f"{b} {w['mean']:.3f} ± {w['std']:.3f}" for b, w in report["rm"][names[0]].items())
     accuracy = report.get("reward_model", {}).get("val_accuracy")
@@ -456,12 +441,10 @@ def figure_title(report):
 
 
 def plot_reward_distributions(rewards, path, title="Reward distribution of each policy's samples"):
-    """Figure 5 in the project's style: one panel per policy, a histogram of its rewards (all rounds pooled), its
-    mean a dashed line, the others' dotted. -> the (closed) figure"""
+    """Figure 5: a panel per policy, its rewards' histogram (rounds pooled), its mean dashed, the others' dotted."""
     import matplotlib.pyplot as plt               # (without a display, matplotlib picks Agg: a PNG needs no more)
     values = {name: np.asarray(r, dtype=np.float64).ravel() for name, r in rewards.items()}
-    lo, hi = min(v.min() for v in values.values()), max(v.max() for v in values.values())
-    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)
+    bins = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=30)     # shared by every panel
     with plt.style.context(Path(__file__).with_name("plots.mplstyle")):
         fig, axes = plt.subplots(len(values), 1, sharex=True, squeeze=False, figsize=(6.4, 1.0 + 1.5 * len(values)))
         for k, (ax, (name, v)) in enumerate(zip(axes[:, 0], values.items())):
@@ -475,7 +458,7 @@ def plot_reward_distributions(rewards, path, title="Reward distribution of each 
         fig.suptitle(title)
         fig.savefig(path)
     plt.close(fig)
-    return fig
+    return fig                                    # (closed: for a look at its axes and title)
 
 
 def write_report(report, out_dir):
@@ -495,45 +478,38 @@ def write_report(report, out_dir):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Tokenizers: every model reads text with the one it was trained with, none is guessed (the RM's is saved with it)
+# Command line. Every model reads text with the tokenizer it was trained with, none is guessed (the RM's is saved
+# with it).
 
 
 def model_tokenizer(where, spec, given_flag, given, remedy, fallback=None):
     """How model `spec` reads text: the flag's tokenizer, else its checkpoint's own, else `fallback` (a weightless
-    preset has none). Checked against its vocabulary (from its config alone): an id past the embedding table would
-    fail deep inside the run (on CUDA, as a device-side assert)."""
+    preset has none); up front, an id past its embedding (from its config alone) is refused, not a CUDA assert."""
     config, _ = one_line(where, model_lib.resolve_model, spec)
+    tok = fallback
     if given:
         tok = one_line(given_flag, data.load_tokenizer, given)
     elif model_lib.weightless_preset(spec) is None:
         tok = one_line(where, data.load_tokenizer, one_line(where, model_lib.resolve_checkpoint, spec),
                        why=f"; without it, how this model reads text is unknown: {remedy}")
-    else:
-        tok = fallback
     if tok is not None and tok.vocab_size > config.vocab_size:
         raise EvalError(f"{where}: its {config.vocab_size}-token vocabulary cannot read tokenizer {tok.name!r} "
                         f"({tok.vocab_size} tokens); pass the tokenizer it was trained with ({given_flag})")
     return tok
 
 
-def policy_tokenizers(policies, rm_tok, given=None):
+def policy_tokenizers(policies, rm_tok, given):
     """{name: its tokenizer}: --policy-tokenizer's, else the checkpoint's own, else (a weightless preset) the RM's."""
     remedy = "save the policy's tokenizer there (train.py does), or pass --policy-tokenizer {}=TOKENIZER"
-    return {name: model_tokenizer(f"--policy {name}={spec}", spec, f"--policy-tokenizer {name}",
-                                  (given or {}).get(name), remedy.format(name), fallback=rm_tok)
-            for name, spec in policies.items()}
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Command line
+    return {name: model_tokenizer(f"--policy {name}={spec}", spec, f"--policy-tokenizer {name}", given.get(name),
+                                  remedy.format(name), fallback=rm_tok) for name, spec in policies.items()}
 
 
 def parse_policies(args):
     """--policy NAME=DIR (two or more) and --policy-tokenizer NAME=TOKENIZER, as spelt. -> ({name: dir}, {name: tok})"""
     policies, given = {}, {}
-    for flag, specs, into, example in (("--policy", args.policy, policies, "NAME=DIR, e.g. --policy orpo=out/final"),
-                                       ("--policy-tokenizer", args.policy_tokenizer, given,
-                                        "NAME=TOKENIZER, e.g. base=path/to/tokenizer")):
+    for flag, specs, into, example in (("--policy", args.policy, policies, "NAME=DIR, e.g. --policy orpo=out/final"), (
+            "--policy-tokenizer", args.policy_tokenizer, given, "NAME=TOKENIZER, e.g. base=path/to/tokenizer")):
         for spec in specs:
             name, sep, value = spec.partition("=")
             problems = [(not sep or not name.strip() or not value.strip(), f"expected {example}"),
@@ -617,17 +593,11 @@ def cmd_winrate(args, device):
         dist.barrier()
     prompts, stats = one_line("--data", load_prompts, source, rm_tok, n_prompts=args.n_prompts, split=args.split,
                               template=args.template, max_prompt_length=args.max_prompt_length, log=dist.print0)
-    oracle = data.oracle_correct
-    try:
-        for p in prompts:
-            oracle(p["text"], "")
-    except ValueError:                   # not all data.py's synthetic prompts: the oracle knows no answers
-        oracle = None
     dtype = dist.resolve_dtype(args.dtype, device)
     rm, _ = load_reward_model(args.rm, dtype=dtype, device=device)
     same_names = ("rounds", "seed", "temperature", "top_p", "max_new_tokens", "batch_size", "init_seed")
-    report = evaluate_policies(rm, policies, prompts, tokenizer=rm_tok, policy_toks=policy_toks, oracle=oracle,
-                               dtype=dtype, device=device, **{k: getattr(args, k) for k in same_names})
+    report = evaluate_policies(rm, policies, prompts, tokenizer=rm_tok, policy_toks=policy_toks, dtype=dtype,
+                               oracle=data.oracle_correct, device=device, **{k: getattr(args, k) for k in same_names})
     kept = {k: meta[k] for k in ("val_accuracy", "init", "steps") if k in meta}
     report.update(reward_model={"dir": str(args.rm), **kept}, data={"source": str(source), "stats": dict(stats)})
     if dist.is_master():
@@ -653,12 +623,10 @@ def cmd_demo(args, device):
                 *opt("--tokenizer", tok), "--max-length", str(run["max_length"]), *common]
     winrate = ["winrate", "--rm", str(root / "rm"), "--policy", f"orpo={root / 'final'}", "--policy",
                f"base={run['model']}", *opt("--policy-tokenizer", f"base={tok}" if tok and not weightless else None),
-               *data_of("eval" if run["eval_data"] else "train"), *common,
-               *opt("--max-new-tokens", 32 if tok == "synthetic" else None),   # synthetic answers: < 10 tokens
-               "--out", str(root / "winrate")]
+               *data_of("eval" if run["eval_data"] else "train"), *common, "--out", str(root / "winrate"),
+               *opt("--max-new-tokens", 32 if tok == "synthetic" else None)]   # synthetic answers: < 10 tokens
     parsed = [check_args(build_parser().parse_args(argv)) for argv in (train_rm, winrate)]
-    # an RM in the old layout (reward_head/) is trained again (the command is printed, as always)
-    if args.retrain_rm or not (root / "rm" / META_FILE).is_file() or (root / "rm" / "reward_head").is_dir():
+    if args.retrain_rm or not (root / "rm" / META_FILE).is_file():
         dist.print0("$ python eval_rm.py " + shlex.join(train_rm))
         cmd_train_rm(parsed[0], device)
     else:
@@ -680,18 +648,15 @@ def build_parser():
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
         if name != "demo":
             p.add_argument("--out", required=True, help="train-rm: the RM's dir; winrate: the report's")
-            p.add_argument("--tokenizer", default=None, help="the RM's; default: --init's own (train-rm), the one "
-                           "saved in --rm (winrate); a folder, Hub id or 'synthetic'")
+            p.add_argument("--tokenizer", help="the RM's: a folder, Hub id or 'synthetic' (default: its own)")
             p.add_argument("--batch-size", type=int, default=32, help="pairs a step (a rank); prompts a generate()")
             p.add_argument("--seed", type=int, default=0, help="data order and held-out split; base sampling seed")
             p.add_argument("--data", default="synthetic", help="pairs: file, folder, glob, Hub id or synthetic")
             p.add_argument("--split", default=None, help="split of --data (a Hub id or a folder of several needs one)")
             p.add_argument("--template", default="auto", help="chat template: auto | zephyr | raw | a .jinja file")
-            p.add_argument("--max-prompt-length", type=int, default=None,
-                           help="longer prompts are dropped (counted); default min(1024, --max-length)")
+            p.add_argument("--max-prompt-length", type=int, help="longer prompts dropped (min(1024, --max-length))")
             p.add_argument("--init-seed", type=int, default=42, help="random init of tiny; 42 = train.py's --seed")
         return p.add_argument
-
     add = command("train-rm", cmd_train_rm, "train a reward model with the Bradley-Terry loss (eq. 11)")
     add("--init", default="tiny", help="backbone: a checkpoint dir, Hub id or model.py preset")
     add("--eval-data", default=None, help="held-out pairs for the RM's accuracy (as --data); all of --data trains")
@@ -703,7 +668,6 @@ def build_parser():
     add("--warmup-steps", type=int, default=20, help="linear warmup steps, then cosine decay to 0")
     add("--shared-prompt", action="store_true", help="pack a pair as [prompt|chosen|rejected]; same rewards")
     add("--log-every", type=int, default=50, help="log a line every N steps")
-
     add = command("winrate", cmd_winrate, "sample policies, score with the RM, write win-rate tables")
     add("--rm", required=True, help="reward model directory (from train-rm)")
     add("--policy", action="append", default=[], metavar="NAME=DIR", help="repeat: checkpoint dir, Hub id or tiny")
@@ -714,7 +678,6 @@ def build_parser():
     add("--top-p", type=float, default=1.0, help="nucleus sampling threshold, in (0, 1]")
     add("--max-new-tokens", type=int, default=64, help="longest sampled answer")
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on a GPU")
-
     add = command("demo", cmd_demo, "the default: evaluate a train.py run from the run.json it wrote")
     add("--root", default="out", help="train.py's --out directory")
     add("--retrain-rm", action="store_true", help="train ROOT/rm again even if it exists")
@@ -724,9 +687,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args((sys.argv[1:] if argv is None else list(argv)) or ["demo"])
     try:
-        check_args(args)
-        device = dist.compute_init(args.device)
-        args.func(args, device)
+        args.func(check_args(args), dist.compute_init(args.device))     # every flag checked before the device is up
     except (ValueError, FileNotFoundError) as e:      # EvalError, data.DataError, model.CheckpointError, ...
         dist.print0(f"error: {e}", file=sys.stderr)   # the same on every rank under torchrun: printed once
         return 2
