@@ -104,8 +104,7 @@ def build_reward_model(init, *, seed=42, device="cpu"):
     dist.materialize(rm, device)
     if not torch_dist.is_initialized():
         rm.backbone.tie_weights()                     # to_empty gives tied weights separate storage
-    tensors = model_lib.random_init_tensors(config, seed) if ckpt_dir is None else \
-        model_lib.iter_hf_tensors(ckpt_dir, config)
+    tensors = model_lib.iter_hf_tensors(ckpt_dir, config) if ckpt_dir else model_lib.random_init_tensors(config, seed)
     dist.load_weights(rm.backbone, ((n, t) for n, t in tensors if not n.startswith("lm_head.")),
                       where=f"reward model init {init}")
     nn.init.zeros_(rm.score.weight)                   # to_empty left the head uninitialised
@@ -251,6 +250,8 @@ def sample_answers(policy, prompts, *, seed, batch_size=32, device="cpu", desc=N
 @torch.no_grad()
 def score(rm, sequences, *, max_tokens=8192, device="cpu", desc=None):
     """RM rewards (float64) of token lists, on every rank; repeated sequences are scored once, so they tie exactly."""
+    if any(len(s) == 0 for s in sequences):
+        raise EvalError("cannot score an empty sequence")
     unique = sorted(set(tuple(s) for s in sequences), key=lambda s: (len(s), s))
     bucket = np.cumsum([len(s) for s in unique]) // max_tokens      # about max_tokens a forward, in length order
     cuts = (np.flatnonzero(np.diff(bucket)) + 1).tolist()
@@ -350,10 +351,9 @@ def evaluate_policies(rm, policies, prompts, *, tokenizer, policy_toks=None, rou
         correct = None
     report = win_rates(rewards, correct)
     for name in names:
-        lengths = [len(a) for row in answers[name] for a in row]
         report["policies"][name].update(path=str(policies[name]), tokenizer=toks[name].name,
                                         out_of_vocab_tokens_dropped=int(out_of_vocab[name]),
-                                        mean_answer_tokens=float(np.mean(lengths)))
+                                        mean_answer_tokens=float(np.mean([len(a) for r in answers[name] for a in r])))
     report["rewards"] = {name: rewards[name].tolist() for name in names}
     report["samples"] = [{"round": r, "policy": name, "prompt_index": i, "prompt": prompts[i]["text"],
                           "answer": texts[name][r][i], "answer_ids": answers[name][r][i],
