@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -36,8 +37,8 @@ def setup(tmp_path_factory):
     policy_dir = root / "policy"
     model_lib.Transformer(small_config()).save_pretrained(policy_dir)
     tok.save(policy_dir)
-    rm = eval_rm.RewardModel(model_lib.Transformer(small_config()))
-    torch.nn.init.normal_(rm.head.weight, std=1.0)    # a zero head would make every answer tie: tests could not fail
+    rm = eval_rm.RewardModel(small_config())
+    torch.nn.init.normal_(rm.score.weight, std=1.0)    # a zero head would make every answer tie: tests could not fail
     rm_dir = root / "rm"
     eval_rm.save_reward_model(rm, rm_dir, tokenizer=tok, meta={"note": "random"})
     prompts, stats = eval_rm.load_prompts(parquet, tok, n_prompts=12)
@@ -210,7 +211,8 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys, argv, message):
 
 
 def test_sharded_evaluation_matches_one_process(setup, tmp_path):
-    """torchrun with 2 ranks samples and scores exactly what 1 process does with the same seeds."""
+    """torchrun with 2 ranks samples and scores exactly what 1 process does with the same seeds; neither writes
+    progress bars' carriage returns into a log."""
     args = ["winrate", "--rm", str(setup["rm_dir"]), "--policy", f"a={setup['policy_dir']}", "--policy", "b=tiny",
             "--data", str(setup["parquet"]), "--n-prompts", "11", "--rounds", "2", "--batch-size", "4",
             "--max-new-tokens", "6", "--device", "cpu"]
@@ -220,10 +222,12 @@ def test_sharded_evaluation_matches_one_process(setup, tmp_path):
                                                      "--standalone", "--nproc_per_node", "2", script]}
     results = {}
     for name, cmd in runs.items():
-        out = tmp_path / name
-        proc = subprocess.run(cmd + args + ["--out", str(out)], env=env, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=240)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        out, log = tmp_path / name, tmp_path / f"{name}.log"
+        with open(log, "w") as stderr:               # a log file, not a terminal: no tqdm carriage returns
+            proc = subprocess.run(cmd + args + ["--out", str(out)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=stderr, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-2000:] + log.read_text()[-3000:]
+        assert b"\r" not in log.read_bytes(), log.read_bytes()[-300:]        # (read_text turns \r into \n)
         results[name] = ([json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()],
                          json.loads((out / "winrates.json").read_text()))
     (one, one_report), (two, two_report) = results["one"], results["two"]
@@ -349,8 +353,10 @@ def test_real_tokenizer_and_eval_data_on_hh_rlhf(shared_data, tmp_path):
 
 
 def test_random_init_policy_cannot_borrow_a_larger_tokenizer(setup, shared_data, tmp_path, capsys, no_model_loads):
-    """--tokenizer llama2 for the RM: a random-init tiny policy (512 ids) cannot read its 32000 pieces."""
-    argv = ["winrate", "--rm", str(setup["rm_dir"]), "--tokenizer", str(shared_data / "tokenizers" / "llama2"),
+    """--tokenizer llama2 for the RM: a random-init tiny policy (512 ids) cannot read its 32000 pieces. (The RM
+    reads them: a 128-id RM is refused the same way, and first.)"""
+    eval_rm.save_reward_model(eval_rm.RewardModel(small_config(vocab_size=32000)), tmp_path / "rm")
+    argv = ["winrate", "--rm", str(tmp_path / "rm"), "--tokenizer", str(shared_data / "tokenizers" / "llama2"),
             "--policy", f"a={setup['policy_dir']}", "--policy", "b=tiny", "--out", str(tmp_path), "--device", "cpu"]
     assert eval_rm.main(argv) == 2
     err = capsys.readouterr().err
@@ -366,7 +372,7 @@ def no_model_loads(monkeypatch):
     """Fail the test if a model is built or loaded: option errors must come first."""
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad option was reported")
-    for name in ("build_reward_model", "load_reward_model", "load_policy"):
+    for name in ("build_reward_model", "load_reward_model"):
         monkeypatch.setattr(eval_rm, name, refuse)
     monkeypatch.setattr(model_lib.Transformer, "from_pretrained", refuse)
 
@@ -464,8 +470,10 @@ def test_load_prompts_reads_on_past_unusable_rows(tmp_path):
                                           max_prompt_length=100)
     assert [p["text"] for p in prompts] == [f"What is {i} + 1?" for i in range(4)]
     assert stats["rows"] == 7 and stats["dropped/prompt_too_long"] == 3
-    line = eval_rm.prompts_line(tmp_path / "p.parquet", prompts, stats)
-    assert "4 usable from the first 7 rows" in line and "3 skipped: prompt_too_long 3" in line
+    lines = []
+    eval_rm.load_prompts(tmp_path / "p.parquet", data.synthetic_tokenizer(), n_prompts=4, max_prompt_length=100,
+                         log=lines.append)
+    assert "4 usable from the first 7 rows" in lines[0] and "3 skipped: prompt_too_long 3" in lines[0]
 
 
 def test_eval_split_alone_is_another_split_of_data(tmp_path, monkeypatch):
@@ -519,7 +527,8 @@ def test_demo_runs_from_run_json(tmp_path, capsys, quick_rm):
                   ["--max-new-tokens", "32"], ["--policy", f"orpo={tmp_path / 'final'}"]):
         assert " ".join(flags) in commands[1], (flags, commands[1])
     report = json.loads((tmp_path / "winrate" / "winrates.json").read_text())
-    assert report["settings"]["n_prompts"] == 5 and "oracle" in report and (tmp_path / "rm" / eval_rm.HEAD_FILE).is_file()
+    architectures = json.loads((tmp_path / "rm" / "config.json").read_text())["architectures"]
+    assert report["settings"]["n_prompts"] == 5 and "oracle" in report and architectures == ["LlamaForSequenceClassification"]
     # the second time the RM is reused
     assert eval_rm.main(["demo", "--root", str(tmp_path), "--device", "cpu"]) == 0
     assert "using the reward model in" in capsys.readouterr().out
@@ -549,3 +558,168 @@ def test_a_user_error_prints_once_under_torchrun(setup, tmp_path):
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     assert (proc.stdout + proc.stderr).count("is not a reward model directory") == 1, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reward model in transformers' format (AutoModelForSequenceClassification), and its old layout
+
+BASE_HF = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+FAMILY_CONFIGS = {   # every family, with what sets it apart: GQA, a window shorter than the test's texts, OPT's
+    "llama": dict(model_type="llama", **BASE_HF, intermediate_size=48, num_key_value_heads=2),   # projections,
+    "mistral": dict(model_type="mistral", **BASE_HF, intermediate_size=48, num_key_value_heads=2, sliding_window=4),
+    "opt": dict(model_type="opt", **BASE_HF, ffn_dim=40, word_embed_proj_dim=24, do_layer_norm_before=False),
+    "phi": dict(model_type="phi", **BASE_HF, intermediate_size=40, partial_rotary_factor=0.5),   # untied + bias
+}
+
+
+def random_checkpoint(config, out_dir, seed=0):
+    """A model of `config` with every weight random (std 0.2: far from uniform attention), saved to out_dir."""
+    torch.manual_seed(seed)
+    model = model_lib.Transformer(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    return model.save_pretrained(out_dir)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_reward_model_loads_in_transformers_with_the_same_scores(family, tmp_path):
+    """train-rm's output is what TRL's RewardTrainer writes: AutoModelForSequenceClassification loads it with no
+    missing or unexpected key and gives eval_rm's rewards, one sequence at a time and right-padded in a batch
+    (it reads the rightmost token that is not pad_token_id). A classifier saved by transformers loads here too."""
+    transformers = pytest.importorskip("transformers")
+    init = random_checkpoint(model_lib.config_from_hf(FAMILY_CONFIGS[family]), tmp_path / "init")
+    rm = eval_rm.build_reward_model(init)
+    torch.nn.init.normal_(rm.score.weight, std=1.0)
+    eval_rm.save_reward_model(rm, tmp_path / "rm", tokenizer=data.synthetic_tokenizer())
+    hf_config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert hf_config["architectures"] == [{"llama": "Llama", "mistral": "Mistral", "opt": "OPT", "phi": "Phi"}[family]
+                                          + "ForSequenceClassification"]
+    assert hf_config["id2label"] == {"0": "LABEL_0"} and hf_config["pad_token_id"] == data.synthetic_tokenizer().pad_id
+    assert not (tmp_path / "rm" / "reward_head").exists()
+    hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm",
+                                                                                output_loading_info=True)
+    assert hf.config.num_labels == 1 and not any(info.values()), info        # nothing missing, unexpected, resized
+    seqs = [[1] + list(range(10 + k, 10 + k + n)) + [2] for k, n in enumerate((9, 3, 14))]   # lengths 11, 5, 16
+    ours = eval_rm.score(eval_rm.load_reward_model(tmp_path / "rm")[0], seqs)
+    np.testing.assert_allclose(ours, eval_rm.score(rm.eval(), seqs), atol=1e-6)
+    pad, T = hf.config.pad_token_id, max(map(len, seqs))
+    batch = torch.tensor([s + [pad] * (T - len(s)) for s in seqs])
+    with torch.no_grad():
+        batched = hf(batch, attention_mask=(torch.arange(T) < torch.tensor([[len(s)] for s in seqs])).long()).logits
+        alone = [hf(torch.tensor([s])).logits[0, 0].item() for s in seqs]
+    np.testing.assert_allclose(batched[:, 0].numpy(), ours, atol=1e-4)
+    np.testing.assert_allclose(alone, ours, atol=1e-4)
+    assert np.std(ours) > 1e-2                                              # the rewards really differ
+    hf.save_pretrained(tmp_path / "hf_saved")                     # the other direction: a classifier from elsewhere
+    (tmp_path / "hf_saved" / eval_rm.META_FILE).write_text("{}")             # (train-rm's marker of an RM directory)
+    np.testing.assert_allclose(eval_rm.score(eval_rm.load_reward_model(tmp_path / "hf_saved")[0], seqs), ours,
+                               atol=1e-5)
+
+
+def test_pad_token_is_never_eos(setup, tmp_path):
+    """transformers pools the rightmost token that is not pad: with pad = EOS it would skip the EOS every sequence
+    ends with. A tokenizer without a pad (Llama-2, GPT-2) gets id 0, written into the saved tokenizer too."""
+    tok = data.synthetic_tokenizer()
+    for pad_token, expected in ((tok.pad_token, tok.pad_id), (None, 0), (tok.eos_token, 0)):
+        eval_rm.save_reward_model(setup["rm"], tmp_path, tokenizer=dataclasses.replace(tok, pad_token=pad_token))
+        assert json.loads((tmp_path / "config.json").read_text())["pad_token_id"] == expected != tok.eos_id
+        assert data.load_tokenizer(tmp_path).pad_id == expected
+
+
+def test_old_layout_and_garbled_files_are_one_line_errors(setup, tmp_path, capsys):
+    """An RM saved before the head moved into the safetensors (reward_head/) is refused, telling to retrain; a
+    garbled reward_model.json or config.json is an error naming the file."""
+    old = tmp_path / "old"
+    model_lib.Transformer(small_config()).save_pretrained(old)
+    (old / "reward_head").mkdir()
+    (old / "reward_head" / "head.safetensors").write_bytes(b"")
+    (old / "reward_model.json").write_text('{"kind": "orpo-reward-model"}')
+    garbled = tmp_path / "garbled"
+    eval_rm.save_reward_model(setup["rm"], garbled, tokenizer=setup["tok"])
+    (garbled / "reward_model.json").write_text('{"kind": "orpo-rew')
+    bad_config = tmp_path / "bad_config"
+    eval_rm.save_reward_model(setup["rm"], bad_config, tokenizer=setup["tok"])
+    (bad_config / "config.json").write_text("{")
+    for rm_dir, message in ((old, "old layout"), (garbled, f"{garbled / 'reward_model.json'}"),
+                            (bad_config, f"{bad_config / 'config.json'}")):
+        with pytest.raises(ValueError, match="retrain" if rm_dir is old else "cannot read"):   # (CheckpointError too)
+            eval_rm.load_reward_model(rm_dir)
+        argv = ["winrate", "--rm", str(rm_dir), "--policy", f"a={setup['policy_dir']}", "--policy", "b=tiny",
+                "--out", str(tmp_path / "wr"), "--device", "cpu"]
+        assert eval_rm.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_train_rm_max_prompt_length_follows_max_length():
+    """--max-length 512 alone works (the prompt limit is min(1024, --max-length) unless given), as in train.py."""
+    parse = lambda *argv: eval_rm.check_args(eval_rm.build_parser().parse_args(list(argv)))
+    assert parse("train-rm", "--out", "x", "--max-length", "512").max_prompt_length == 512
+    assert parse("train-rm", "--out", "x").max_prompt_length == 1024
+    assert parse("winrate", "--out", "x", "--rm", "r", "--policy", "a=tiny", "--policy", "b=tiny")\
+        .max_prompt_length == 1024
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rewards.png, vocabularies, and answers scored on the tokens the RM was trained on
+
+
+def test_rewards_png_is_a_figure_for_a_report(tmp_path):
+    """One panel per policy, each mean a labelled line, and a title with the first policy's win rate ± std over
+    each other one, the number of prompts and rounds and the RM's held-out accuracy."""
+    rewards = {"orpo": np.array([[0.5, 1.0, 2.0], [0.0, 1.5, 1.0]]), "base": np.zeros((2, 3)),
+               "sft": np.ones((2, 3))}
+    report = eval_rm.win_rates(rewards)
+    report.update(settings={"n_prompts": 3, "rounds": 2}, reward_model={"val_accuracy": 0.8625})
+    title = eval_rm.figure_title(report)
+    wins = report["rm"]["orpo"]
+    for text in (f"{wins['base']['mean']:.3f} ± {wins['base']['std']:.3f}", f"{wins['sft']['mean']:.3f} ± "
+                 f"{wins['sft']['std']:.3f}", "3 prompts", "2 rounds", "0.863"):
+        assert text in title, (text, title)
+    assert "accuracy unknown" in eval_rm.figure_title({**report, "reward_model": {}})
+    fig = eval_rm.plot_reward_distributions(rewards, tmp_path / "rewards.png", title=title)
+    assert (tmp_path / "rewards.png").read_bytes()[:4] == b"\x89PNG" and fig._suptitle.get_text() == title
+    assert len(fig.axes) == 3
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+    assert "orpo mean +1.000" in labels and "base mean +0.000" in labels and "sft mean +1.000" in labels
+
+
+def test_a_policy_tokenizer_larger_than_its_embedding_is_refused(setup, tmp_path, capsys, no_model_loads):
+    """A policy whose own tokenizer (or --policy-tokenizer) has more ids than its embedding table: one line up
+    front, from the policy's config.json alone (it used to be an IndexError inside generate())."""
+    small = small_config(vocab_size=64)                                   # the synthetic tokenizer has 103 ids
+    own = model_lib.Transformer(small).save_pretrained(tmp_path / "own")
+    setup["tok"].save(own)
+    bare = model_lib.Transformer(small).save_pretrained(tmp_path / "bare")
+    for policy, extra in ((own, []), (bare, ["--policy-tokenizer", "a=synthetic"])):
+        argv = ["winrate", "--rm", str(setup["rm_dir"]), "--policy", f"a={policy}", "--policy", "b=tiny", *extra,
+                "--out", str(tmp_path / "wr"), "--device", "cpu"]
+        assert eval_rm.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --policy a={policy}: its 64-token vocabulary cannot read tokenizer") \
+            and "(103 tokens)" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("tokenizer", ["llama2", "mistral", "gpt2", "opt"])
+@pytest.mark.parametrize("source, template", [("hh-rlhf-harmless-test.parquet", "auto"),       # raw HH-RLHF text
+                                              ("llamafactory-dpo-en-demo.parquet", "zephyr")])  # ShareGPT, templated
+def test_a_training_pair_fed_back_is_scored_on_its_training_tokens(shared_data, tmp_path, tokenizer, source,
+                                                                   template):
+    """A pair's chosen response, fed back as a policy's sample, is scored on exactly the tokens the RM trained on.
+    Decoded alone, a SentencePiece answer (Llama-2, Mistral) lost its leading space: "Assistant:No," scored where
+    "Assistant: No," (▁No) was trained."""
+    import pyarrow.parquet as pq
+    pq.write_table(pq.read_table(shared_data / source).slice(0, 40), tmp_path / "rows.parquet")
+    tok = data.load_tokenizer(shared_data / "tokenizers" / tokenizer)
+    big = dict(max_length=10**6, max_prompt_length=10**6)
+    pairs = {tuple(p.prompt_ids): p for p in data.build_pairs(tmp_path / "rows.parquet", tok, template=template, **big)}
+    prompts, _ = eval_rm.load_prompts(tmp_path / "rows.parquet", tok, template=template,
+                                      max_prompt_length=10**6)
+    fed_back = [(i, pairs[tuple(p["ids"])]) for i, p in enumerate(prompts) if tuple(p["ids"]) in pairs]
+    assert len(fed_back) >= 30                      # (a pair whose prompt merged into its answer has no such sample)
+    answers = [(i, eval_rm.answer_text(tok, prompts[i]["ids"], [int(t) for t in pair.chosen_ids]))
+               for i, pair in fed_back]
+    sequences = eval_rm.scoring_sequences(tok, prompts, answers, Counter())
+    expected = [[int(t) for t in pair.prompt_ids] + [int(t) for t in pair.chosen_ids] for _, pair in fed_back]
+    assert sum(s == e for s, e in zip(sequences, expected)) == len(expected)
