@@ -350,9 +350,38 @@ class Transformer(nn.Module):
         model.tie_weights()
         return model
 
+    def matmul_params(self) -> int:
+        """The parameters MFU counts, as torchtitan (get_num_params(exclude_embedding=True)): not the input embedding
+        (nor OPT's learned positions), a lookup; but a tied matrix is also the lm_head's matmul: counted once."""
+        lookups = [p for n, p in self.named_parameters() if "embeddings" in n and p is not self.lm_head.weight]
+        return sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in lookups)
+
     def save_pretrained(self, out_dir: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
         """config.json + safetensors (sharded above max_shard_bytes) that transformers loads."""
         return save_hf_state_dict(dict(self.named_parameters()), self.config, out_dir, max_shard_bytes)
+
+
+# FLOPs, for MFU (train.py's log line and the benchmarks)
+# dense bf16 tensor-core peak, FLOP/s, by substring of torch.cuda.get_device_name()
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+              "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "MI300": 1307e12}
+
+
+def attention_pairs(seg_lens: torch.Tensor) -> float:
+    """(query, key) pairs the attention mask allows, summed over the segments (p, c, r) of a packed batch:
+    [prompt|chosen] is causal, (p + c)(p + c + 1) / 2, and each rejected query sees the prompt and the
+    rejected tokens up to itself, r * p + r(r + 1) / 2. The unshared layout is c = r = 0 per sequence."""
+    p, c, r = (x.double() for x in seg_lens.unbind(1))
+    main = p + c
+    return float((main * (main + 1) / 2 + r * p + r * (r + 1) / 2).sum())
+
+
+def step_flops(n_params: int, n_layers: int, d_attn: int, micro_batches) -> float:
+    """Model FLOPs of one optimizer step on this rank: 6 per matmul parameter (Transformer.matmul_params) per
+    token (forward + backward) plus attention, QK^T and AV at 2 * d_attn FLOPs each per allowed (query, key) pair
+    per layer forward, x3 with backward: 12 * n_layers * d_attn per pair."""
+    return sum(6 * n_params * b.num_tokens + 12 * n_layers * d_attn * attention_pairs(b.seg_lens)
+               for b in micro_batches)
 
 
 def check_sampling(temperature: float, top_p: float) -> None:

@@ -34,7 +34,6 @@ if __name__ == "__main__":   # Ctrl-C while torch imports: one line, not a trace
     signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted", file=sys.stderr) or 130))
 
 import torch
-from tqdm import tqdm
 
 import data
 import dist
@@ -75,7 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     add("--attention", default="auto", choices=model_lib.KERNELS, help="auto = flash, else varlen, else sdpa (CPU)")
     add("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
-    add("--compile", action="store_true", help="torch.compile each transformer block")
     add("--data", help=f"pairs: parquet file, folder, glob, Hub id or synthetic (data.py's); a checkpoint's: {UF}")
     add("--split", help=f"split of --data to train on ({UF_SPLITS[0]} for {UF})")
     add("--eval-data", help="held-out pairs, in the forms of --data (a Hub id needs --eval-split)")
@@ -98,21 +96,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     add("--warmup-steps", type=int, help="linear warmup steps; 200 for a checkpoint (official scripts)")
     add("--warmup-ratio", type=float, help="instead of --warmup-steps: fraction of total steps, rounded up")
-    add("--schedule", default="cosine", choices=["cosine", "inverse_sqrt", "constant"],
-        help="after warmup, as transformers: cosine to 0 (paper), inverse_sqrt (official scripts), constant")
+    add("--schedule", default="cosine", choices=["cosine", "inverse_sqrt", "constant"], help="cosine to 0: paper")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official scripts: 0)")
     add("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 disables clipping")
     add("--seed", type=int, default=42, help="seed of the random init (tiny) and of the data order")
     add("--out", default="out", help="output dir: metrics.jsonl, run.json, curves.png, ckpt/, best/, final/")
-    add("--resume", action="store_true", help="continue OUT/ckpt exactly; a changed flag that shapes the run is "
-        "refused, but a new total (--max-steps/--epochs) under --schedule constant or inverse_sqrt")
+    add("--resume", action="store_true", help="continue OUT/ckpt exactly (a changed setting is refused, see README)")
     add("--save-every", type=int, help="checkpoint every N steps and at the end (0: only then); 500 for a checkpoint")
     add("--eval-every", type=int, help="eval every N steps and at the end (0: only then); 500 for a checkpoint")
     add("--log-every", type=int, default=1, help="log a metrics line every N steps")
     add("--keep-checkpoints", type=int, default=2, help="how many step checkpoints to keep (at least 1)")
     add("--no-export", action="store_true", help="skip the final HF export (and the best/ export)")
-    add("--comm-timeout", type=float, default=dist.COMM_TIMEOUT_S, help="seconds a collective waits for the other "
-        "ranks before the job stops (a stalled or dead rank)")
+    add("--comm-timeout", type=float, default=dist.COMM_TIMEOUT_S, help="seconds to wait for a stalled or dead rank")
     add("--report-to", default="none", choices=["none", "tensorboard", "wandb"], help="also log to TensorBoard or W&B")
     # the model's defaults (--help shows them): the tiny preset trains from scratch in under a minute on the synthetic
     # pairs; a checkpoint fine-tunes as the official scripts did, on the paper's UltraFeedback (as Mistral-ORPO-α)
@@ -136,16 +131,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, dict | None]:
-    """Every check of the flags that needs no model, before any work, in one sentence naming the flag (else they fail
-    late or quietly do something else). -> the checkpoint to resume and its trainer state, or (None, None)."""
+    """Every flag check that needs no model, up front, in one line naming the flag. -> (checkpoint, its state)."""
     at_least = {"--grad-accum": 1, "--log-every": 1, "--keep-checkpoints": 1, "--batch-size": 1, "--max-tokens": 1,
                 "--max-steps": 1, "--synthetic-pairs": 1, "--warmup-steps": 0, "--save-every": 0, "--eval-every": 0}
-    for flag, low in at_least.items():
-        if (value := getattr(args, flag[2:].replace("-", "_"))) is not None and value < low:
-            off = " (0 = only at the end)" if flag.endswith("every") else ""
-            raise UserError(f"{flag} {value}: must be at least {low}{off}")
+    checks = {flag: (v, v is None or v >= low, f"at least {low}" + " (0 = only at the end)" * flag.endswith("every"))
+              for flag, low in at_least.items() for v in [getattr(args, flag[2:].replace("-", "_"))]}
     # (value, ok, what it must be); a comparison with nan is False, so nan fails too
-    checks = {"--lr": (args.lr, 0 < args.lr < math.inf, "a positive number"),
+    checks |= {"--lr": (args.lr, 0 < args.lr < math.inf, "a positive number"),
               "--epochs": (args.epochs, 0 < args.epochs < math.inf, "a positive number"),
               "--lam": (args.lam, 0 <= args.lam < math.inf, "a number >= 0"),
               "--grad-clip": (args.grad_clip, 0 <= args.grad_clip < math.inf, "a number >= 0 (0 = no clipping)"),
@@ -153,7 +145,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, 
               "--eval-fraction": (args.eval_fraction, 0 <= args.eval_fraction < 1, "in [0, 1): a share of the pairs"),
               "--warmup-ratio": (args.warmup_ratio, 0 <= (args.warmup_ratio or 0) <= 1, "in [0, 1]"),
               # numpy's legacy seeding (and so many a library) takes 32 bits
-              "--seed": (args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2**32 - 1]")}
+              "--seed": (args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2**32 - 1]"),
+              "--comm-timeout": (args.comm_timeout, 0 < args.comm_timeout < math.inf, "a positive number of seconds")}
     for flag, (value, ok, what) in checks.items():
         if not ok:
             raise UserError(f"{flag} {value}: must be {what}")
@@ -189,8 +182,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, 
 
 
 def check_model(args, config, tok, device, compute_dtype) -> None:
-    """The flag checks that need the model's config: the kernel runs here, the model has enough positions and embeds
-    every token id (an id past the table is an IndexError, on CUDA a device-side assert)."""
+    """The checks that need the model's config: every token id embeds (else an IndexError, on CUDA a device-side
+    assert), the kernel runs here, there are enough learned positions."""
     if tok.vocab_size > config.vocab_size:
         raise UserError(f"--tokenizer {args.tokenizer or '(default)'} has {tok.vocab_size} ids but --model "
                         f"{args.model} embeds {config.vocab_size} (vocab_size): use one with at most that many")
@@ -224,12 +217,9 @@ def check_settings(args, saved: dict | None, now: dict) -> None:
 # model, tokenizer, data
 
 def build_model(args, config, ckpt_dir, device, compute_dtype):
-    """meta device -> (compile, activation checkpointing) -> FSDP2 -> to_empty -> weights, one tensor at a time."""
+    """meta device -> (activation checkpointing) -> FSDP2 -> to_empty -> weights, one tensor at a time."""
     with torch.device("meta"):
         model = model_lib.Transformer(config, attention=args.attention)
-    if args.compile:
-        for block in model.layers:
-            block.compile()
     model = dist.shard_model(model, param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                              reduce_dtype=torch.float32, activation_checkpointing=args.activation_checkpointing)
     dist.materialize(model, device)
@@ -237,22 +227,20 @@ def build_model(args, config, ckpt_dir, device, compute_dtype):
         dist.load_weights(model, model_lib.random_init_tensors(config, args.seed), f"random init of {args.model}")
     else:
         dist.load_weights(model, model_lib.iter_hf_tensors(ckpt_dir, config), str(ckpt_dir))
-    # model.py keeps no buffers (RoPE tables are computed per forward), so nothing else is left
-    # uninitialised by to_empty; a tied lm_head shares the embedding's (sharded) parameter
+    # no buffers are left uninitialised by to_empty (RoPE is computed per forward); a tied lm_head stays tied
     assert not config.tie_embeddings or model.lm_head.weight is model.tok_embeddings.weight
     return model
 
 
 def load_data(args, tok, ckpt_dir, rank: int, resumed: bool):
-    """Train and eval pairs (data.train_and_eval_pairs: the synthetic default's files under OUT/data/, held-out
-    pairs by --eval-data, --eval-split or --eval-fraction); then, at a fresh start, OUT/run.json."""
+    """Train and eval pairs (data.train_and_eval_pairs); then, at a fresh start, OUT/run.json."""
     train, evals, origin = data.train_and_eval_pairs(
         args.data or "synthetic", args.split, args.eval_data or (None if args.data else "synthetic"), args.eval_split,
         args.eval_fraction, args.seed, tok, Path(args.out) / "data", synthetic_pairs=args.synthetic_pairs,
         writer=rank == 0, barrier=dist.barrier, log=print0, max_length=args.max_length,
         max_prompt_length=args.max_prompt_length, template=args.template, columns=data.parse_columns(args.columns))
     # the exports carry the template the pairs were rendered with (None: raw text), not just the tokenizer's own
-    tok.chat_template = origin.get("chat_template", data.resolve_template(args.template, tok, getattr(train, "layout", None)))
+    tok.chat_template = origin["chat_template"]
     run_json, gen = Path(args.out) / "run.json", Path(ckpt_dir or "") / "generation_config.json"
     if rank == 0 and not (resumed and run_json.exists()):   # what eval_rm.py (`demo --root OUT`) and the exports read
         files = dict.fromkeys(f for src, split in ((origin["data"], args.split), (origin["eval_data"], args.eval_split))
@@ -273,8 +261,8 @@ def load_data(args, tok, ckpt_dir, rank: int, resumed: bool):
 
 
 def make_batchers(args, train_pairs, eval_pairs, rank: int, world_size: int):
-    """(train batcher, eval batcher or None, optimizer steps per epoch). --batch-size is global: batch b of an epoch
-    goes to rank b % world_size, so 2 ranks see the same global batches as 1 rank with twice the grad_accum."""
+    """(train batcher, eval batcher or None, optimizer steps per epoch). --batch-size is global: each step is the same
+    pairs in the same order however it is split into ranks x --grad-accum micro-batches (data.PairBatcher)."""
     size = (dict(batch_size=args.batch_size // (world_size * args.grad_accum)) if args.max_tokens is None
             else dict(max_tokens=args.max_tokens))
     kw = dict(seed=args.seed, rank=rank, world_size=world_size, shared_prompt=args.shared_prompt,
@@ -283,9 +271,7 @@ def make_batchers(args, train_pairs, eval_pairs, rank: int, world_size: int):
     info = batcher.epoch_info(0)
     if info["pairs_dropped"]:   # a different remainder each epoch
         print0(f"train: {info['pairs_dropped']} pairs per epoch left out so that every rank gets the same micro-batches")
-    eval_batcher = data.PairBatcher(eval_pairs, **kw) if len(eval_pairs) else None
-    if eval_batcher is not None and (dropped := eval_batcher.epoch_info(0)["pairs_dropped"]):
-        print0(f"eval: {dropped} of the eval pairs left out to give every rank the same batches")
+    eval_batcher = data.PairBatcher(eval_pairs, drop_remainder=False, **kw) if len(eval_pairs) else None   # all count
     return batcher, eval_batcher, info["batches_per_rank"] // args.grad_accum
 
 
@@ -346,8 +332,7 @@ def evaluate(model, batcher, lam: float, device, autocast=nullcontext()) -> dict
 
 
 def build_optimizer(model, lr: float, weight_decay: float, device):
-    """AdamW with weight decay on matrices and embeddings only. Betas (0.9, 0.999) and eps 1e-8: the defaults of
-    torch and of the transformers Trainer that the official scripts ran."""
+    """AdamW, weight decay on matrices only; betas and eps of torch and of the Trainer the official scripts ran."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]     # norms, biases
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -372,36 +357,7 @@ def warmup_steps(args, total_steps: int) -> int:
 
 
 # -----------------------------------------------------------------------------
-# throughput and logging
-
-# dense bf16 tensor-core peak, FLOP/s, by substring of torch.cuda.get_device_name()
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-              "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "MI300": 1307e12}
-
-
-def attention_pairs(seg_lens: torch.Tensor) -> float:
-    """(query, key) pairs the attention mask allows, summed over the segments (p, c, r) of a packed batch:
-    [prompt|chosen] is causal, (p + c)(p + c + 1) / 2, and each rejected query sees the prompt and the
-    rejected tokens up to itself, r * p + r(r + 1) / 2. The unshared layout is c = r = 0 per sequence."""
-    p, c, r = (x.double() for x in seg_lens.unbind(1))
-    main = p + c
-    return float((main * (main + 1) / 2 + r * p + r * (r + 1) / 2).sum())
-
-
-def step_flops(n_params: int, n_layers: int, d_attn: int, micro_batches) -> float:
-    """Model FLOPs of one optimizer step on this rank: 6 per matmul parameter (n_params, see matmul_params) per
-    token (forward + backward) plus attention, QK^T and AV at 2 * d_attn FLOPs each per allowed (query, key) pair
-    per layer forward, x3 with backward: 12 * n_layers * d_attn per pair."""
-    return sum(6 * n_params * b.num_tokens + 12 * n_layers * d_attn * attention_pairs(b.seg_lens)
-               for b in micro_batches)
-
-
-def matmul_params(model) -> int:
-    """The parameters MFU counts, as torchtitan (get_num_params(exclude_embedding=True)): not the input embedding
-    (nor OPT's learned positions), a lookup and no matmul; but a tied matrix is also the lm_head's: counted once."""
-    lookups = [p for n, p in model.named_parameters() if "embeddings" in n and p is not model.lm_head.weight]
-    return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lookups)
-
+# logging and curves
 
 def metrics_logger(args, first_step: int):
     """Rank 0's logger: appends a record to OUT/metrics.jsonl and, with --report-to, logs its numbers under the same
@@ -504,9 +460,10 @@ class Trainer:
         use_autocast = compute_dtype != torch.float32 and self.world_size == 1
         self.autocast = torch.autocast(self.device.type, dtype=compute_dtype) if use_autocast else nullcontext()
         # a sharded parameter reports its global shape; tied ones count once
-        self.n_params, self.n_matmul = sum(p.numel() for p in self.model.parameters()), matmul_params(self.model)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.n_matmul = self.model.matmul_params()
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "none"
-        self.peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)   # for MFU; unknown: None
+        self.peak_flops = next((v for k, v in model_lib.PEAK_FLOPS.items() if k in gpu), None)   # unknown: None
         print0(f"model {args.model}: {self.n_params / 1e6:.2f}M params ({self.n_matmul / 1e6:.2f}M in matmuls: MFU's "
                f"6N, as torchtitan), {self.config.n_layers} layers | device {self.device} x {self.world_size} | dtype "
                f"{compute_dtype} | lam {args.lam} | lr {args.lr} {args.schedule}, warmup {warmup} | "
@@ -516,8 +473,7 @@ class Trainer:
         self.resume(ckpt)
 
     def resume(self, ckpt: Path | None) -> None:
-        """The counters, weights, optimizer, RNG and schedule from `ckpt`, with metrics.jsonl cut back to it, so
-        the file reads as one uninterrupted run; without one, a fresh start with a new run id."""
+        """Counters, weights, optimizer, RNG and schedule from `ckpt`; without one, a fresh start with a new run id."""
         self.step, self.epoch, self.best_eval, self.bad_steps = 0, 0, math.inf, 0
         # tells this run's checkpoints from others' (dist.save_checkpoint prunes only its own); rank 0's is written
         self.run_id = uuid.uuid4().hex[:12]
@@ -530,21 +486,21 @@ class Trainer:
         self.step, self.epoch, self.best_eval, self.bad_steps = (saved[k] for k in ("step", "epoch", "best_eval",
                                                                                     "bad_steps"))
         self.run_id = saved.get("run_id", "")
-        lines = self.metrics_path.read_text().splitlines() if self.rank == 0 and self.metrics_path.exists() else []
-        n_lines = len(lines)
-        try:
-            json.loads(lines[-1] if lines and lines[-1].strip() else "{}")
-        except ValueError:   # the last record of a run killed while writing it
-            print0(f"{self.metrics_path}: dropped its torn last line (written by an interrupted run)")
-            lines.pop()
-        keep = [l for l in lines if l.strip() and json.loads(l)["step"] <= self.step]
-        if len(keep) < n_lines:   # drop the records written after the checkpoint
-            self.metrics_path.write_text("".join(l + "\n" for l in keep))
+        if self.rank == 0 and self.metrics_path.exists():   # cut back to the checkpoint: it reads as one run
+            lines = self.metrics_path.read_text().splitlines()
+            keep = lines[:]
+            try:
+                json.loads(keep[-1] if keep else "{}")
+            except ValueError:   # the last record of a run killed while writing it
+                print0(f"{self.metrics_path}: dropped its torn last line (written by an interrupted run)")
+                keep.pop()
+            keep = [l for l in keep if l.strip() and json.loads(l)["step"] <= self.step]
+            if keep != lines:
+                self.metrics_path.write_text("".join(l + "\n" for l in keep))
         print0(f"resumed from {ckpt} at step {self.step}")
 
     def fit(self) -> int:
-        """Optimizer steps to the end, with logging, periodic eval and checkpoints; then finish(). -> exit status;
-        after SIGINT/SIGTERM a checkpoint of the step, the command that resumes, and 128 + the signal's number."""
+        """The steps to the end with logs, evals and checkpoints, then finish(). -> exit status (128 + a signal's)."""
         args, records = self.args, {"first": None, "last": None, "eval0": None}
         if self.step >= self.total_steps:    # --resume of a complete run
             return self.finish(records, complete=True)
@@ -588,7 +544,8 @@ class Trainer:
 
     def log_step(self, m: dict, micro, dt: float) -> dict:
         """The step's record with throughput, MFU, memory and time (collectives: all ranks call it); rank 0 logs it."""
-        flops = step_flops(self.n_matmul, self.config.n_layers, self.config.n_heads * self.config.head_dim, micro)
+        c = self.config
+        flops = model_lib.step_flops(self.n_matmul, c.n_layers, c.n_heads * c.head_dim, micro)
         totals = dist.all_reduce_sum({"tokens": sum(b.num_tokens for b in micro), "flops": flops}, self.device)
         mfu = totals["flops"] / dt / (self.peak_flops * self.world_size) if self.peak_flops else None
         mem = (torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda"
@@ -598,7 +555,7 @@ class Trainer:
                "time": time.time() - self.t_start}
         if self.rank == 0:
             self.log(rec)
-            tqdm.write(f"step {self.step:>5d}/{self.total_steps} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | "
+            print0(f"step {self.step:>5d}/{self.total_steps} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | "
                        f"or {m['or_loss']:.4f} | log_odds {m['log_odds']:+.3f} | logp w {m['chosen_logps']:.3f} "
                        f"l {m['rejected_logps']:.3f} | acc {m['reward_acc']:.2f} | margin {m['reward_margin']:+.3f} | "
                        f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s"
@@ -619,7 +576,7 @@ class Trainer:
             self.export(self.out / "best", m)
         if self.rank == 0:
             self.log({"step": self.step, "eval": True, **{f"eval_{k}": v for k, v in m.items()}, "best": improved})
-            tqdm.write(f"eval  {self.step:>5d} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | or {m['or_loss']:.4f} | "
+            print0(f"eval  {self.step:>5d} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | or {m['or_loss']:.4f} | "
                        f"log_odds {m['log_odds']:+.3f} | acc {m['reward_acc']:.2f}"
                        + (f" | best so far -> {self.out / 'best'}" if improved and not self.args.no_export else ""))
         return m
@@ -642,15 +599,15 @@ class Trainer:
         return not dist.all_reduce_max(float(not torch.stack([t.isfinite().all() for t in local]).all()), self.device)
 
     def finish(self, records: dict, complete=False) -> int:
-        """Final eval, checkpoint and HF export (none of NaN/inf weights: TrainingDiverged), then a summary of what was
-        written. Of a run resumed complete, only a missing export (killed while exporting). -> exit status"""
+        """Final eval, checkpoint, export (never of NaN/inf weights), curves.png and a summary of what was written.
+        Of a run resumed complete: only a missing export (a kill while exporting). -> exit status"""
         args, out, first, last, e0 = self.args, self.out, records["first"], records["last"], records["eval0"]
         e1 = None if complete else self.run_eval()
         finite = complete or self.save()
         missing = finite and not args.no_export and not (complete and (out / "final" / "config.json").is_file())
         if missing:
             self.export(out / "final", e1)
-        if self.rank == 0:
+        if self.rank == 0 and not complete:
             plot_curves(self.metrics_path, out / "curves.png", title=f"ORPO, lam {args.lam}: {out.resolve().name}")
         if complete:
             print0(f"the run in {out} is already complete: its checkpoint is at step {self.step}, this run has "

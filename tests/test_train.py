@@ -226,9 +226,9 @@ def test_attention_flops_count_the_pairs_the_mask_allows():
         seg_id, branch = model_lib._token_tags(seg_lens, torch.device("cpu"))
         order = torch.arange(len(seg_id))
         mask = model_lib._visible(seg_id, branch, order, None, order[:, None], order[None, :])
-        assert train.attention_pairs(seg_lens) == int(mask.sum())
+        assert model_lib.attention_pairs(seg_lens) == int(mask.sum())
         batch = type("Batch", (), {"seg_lens": seg_lens, "num_tokens": len(seg_id)})
-        assert train.step_flops(0, 3, 8, [batch]) == 12 * 3 * 8 * int(mask.sum())
+        assert model_lib.step_flops(0, 3, 8, [batch]) == 12 * 3 * 8 * int(mask.sum())
 
 
 # -----------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_resume_refuses_a_changed_setting_in_one_line(cosine_run, tmp_path, chan
     and --max-steps silently applied (the cosine schedule re-stretched: the lr jumped)."""
     if change == "model":   # another config (dim 64) with the same tokenizer: was a DCP size-mismatch traceback
         path = save_checkpoint(tmp_path / "other", small(dim=64))
-        change, needle = ["--model", path, "--lr", "1e-3"], f"--model {path} (dim 64) differs from the checkpoint's dim "
+        change, needle = ["--model", path, "--lr", "1e-3", "--data", "synthetic"], f"--model {path} (dim 64) differs from the checkpoint's dim "
     before = {f: f.stat().st_mtime_ns for f in cosine_run.rglob("*") if f.is_file()}
     status, _, err = run_main(["--out", cosine_run, *ARGS, "--max-steps", "6", "--no-export", "--resume", *change])
     assert status == 2
@@ -267,7 +267,7 @@ def test_non_finite_weights_are_never_exported_or_saved(tmp_path):
     assert status == 1
     assert not (out / "final").exists() and not (out / "best").exists() and not (out / "ckpt" / "latest").exists()
     assert "the weights hold NaN/inf: no checkpoint written" in log
-    assert f"outputs in {out}/: run.json, metrics.jsonl, data/ (synthetic pairs)" in log
+    assert f"outputs in {out}/: run.json, curves.png, metrics.jsonl, data/ (synthetic pairs)" in log
     assert "the weights hold NaN/inf at step 3" in one_error_line(err)
 
 
@@ -286,7 +286,7 @@ def test_warnings_of_a_short_warmup_and_of_pairs_past_the_rope_positions(tmp_pat
     are each one warning line; the run goes on."""
     model = save_checkpoint(tmp_path / "short", small(max_seq_len=24))
     out = tmp_path / "out"
-    status, log, _ = run_main(["--out", out, "--model", model, *ARGS, "--max-steps", "2", "--warmup-steps", "10",
+    status, log, _ = run_main(["--out", out, "--model", model, "--data", "synthetic", *ARGS, "--max-steps", "2", "--warmup-steps", "10",
                                "--lr", "1e-3", "--no-export"])
     assert status == 0
     assert "warning: 2 steps with warmup 10: the lr never reaches its peak (max 1.0e-04 of 1.0e-03)" in log
@@ -313,4 +313,4 @@ def test_mfu_counts_params_without_the_embedding_lookup(config):
     embedding = config.vocab_size * config.embed_dim
     positions = 0 if config.positions == "rope" else model.pos_embeddings.weight.numel()
     expected = total - positions - (0 if config.tie_embeddings else embedding)
-    assert train.matmul_params(model) == expected
+    assert model.matmul_params() == expected

@@ -128,7 +128,8 @@ def test_export_is_a_complete_hub_folder(uf_run, checkpoint, which):
               "README.md"):
         assert (d / f).is_file(), f
     tok = transformers.AutoTokenizer.from_pretrained(d)
-    assert tok.chat_template == data.ZEPHYR_TEMPLATE           # the template the run rendered its pairs with
+    # the template the run rendered its pairs with (BOS written by the template where training prepended one)
+    assert tok.chat_template == "{{ bos_token }}" + data.ZEPHYR_TEMPLATE
     messages = [{"role": "user", "content": "What is 1 + 2?"}]
     assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False).endswith("<|assistant|>\n")
     transformers.AutoModelForCausalLM.from_pretrained(d)
