@@ -744,8 +744,8 @@ def test_train_py_grad_accum_splits_of_one_global_batch_end_at_the_same_weights(
     try:
         for accum in (1, 2, 4):
             out = tmp_path / f"accum{accum}"
-            assert train.main(["--model", str(tmp_path / "ckpt"), "--out", str(out), "--synthetic-pairs", "64",
-                               "--batch-size", "8", "--max-steps", "3", "--grad-accum", str(accum), "--lr", "3e-3",
+            assert train.main(["--model", str(tmp_path / "ckpt"), "--out", str(out), "--data", "synthetic",
+                               "--synthetic-pairs", "64", "--batch-size", "8", "--max-steps", "3", "--grad-accum", str(accum), "--lr", "3e-3",
                                "--warmup-steps", "1", "--eval-every", "0", "--save-every", "0"]) == 0
             weights.append(load_file(out / "final" / "model.safetensors"))
     finally:
