@@ -644,11 +644,10 @@ def hold_out(pairs, fraction, seed):
 
 @dataclass
 class PackedBatch:
-    """P pairs as one flat stream of N tokens in S segments, no padding; what model.py and train.py read.
+    """P pairs as one flat stream of N tokens in S segments, no padding; model.py's docstring says what a token sees.
 
     With shared_prompt a segment is a pair [prompt | chosen | rejected] (the prompt computed once), else a sequence
-    (len, 0, 0): [prompt | chosen] per pair, then [prompt | rejected]. A token sees the earlier tokens of its segment
-    (a rejected one no chosen one) and positions restart, exactly as in its own [prompt | answer] sequence."""
+    (len, 0, 0): [prompt | chosen] per pair, then [prompt | rejected]."""
     input_ids: torch.Tensor      # (N,) long
     position_ids: torch.Tensor   # (N,) long; restarts per segment, rejected restarts at p
     seg_lens: torch.Tensor       # (S, 3) long, CPU: (shared_len, chosen_len, rejected_len) per segment
@@ -803,13 +802,11 @@ class PairBatcher:
         return {"epoch": self.epoch, "position": self.position, **{k: getattr(self, k) for k in self.RESUME_SETTINGS}}
 
     def load_state_dict(self, state):
-        missing = [k for k in ("epoch", "position", *self.RESUME_SETTINGS) if k not in state]
-        if missing:
+        if missing := [k for k in ("epoch", "position", *self.RESUME_SETTINGS) if k not in state]:
             raise DataError(f"cannot resume: the saved batcher state has no {', '.join(missing)} (written by an "
                             "older data.py?), so it cannot be checked against this run's settings")
-        changed = [f"{label} {state[key]}, now {getattr(self, key)}" for key, label in self.RESUME_SETTINGS.items()
-                   if state[key] != getattr(self, key)]
-        if changed:
+        if changed := [f"{label} {state[key]}, now {getattr(self, key)}" for key, label in self.RESUME_SETTINGS.items()
+                       if state[key] != getattr(self, key)]:
             raise DataError(f"cannot resume: the batcher was saved with {'; '.join(changed)} (the batches depend "
                             "on these: resume with the saved settings and data, or start a fresh run)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -52,7 +52,6 @@ def one_line(flag, fn, *args, why="", **kwargs):
 # -----------------------------------------------------------------------------------------------------------
 # The reward model and its training (eq. 11)
 
-
 class RewardModel(nn.Module):
     """r(x, y) = w . h_last: a Transformer and a scalar head on the last token, the only one that saw all of prompt
     and answer. The head is transformers' `score`, with no bias: a bias cancels in eq. 11 (r(x, y_w) - r(x, y_l))."""
@@ -147,8 +146,8 @@ def load_reward_model(rm_dir, *, dtype=torch.float32, device="cpu"):
     meta = read_rm_dir(rm_dir)
     with torch.device("meta"):
         rm = RewardModel(model_lib.load_config(rm_dir))
-    rm.backbone.to(dtype).to_empty(device=device)
-    rm.score.to_empty(device=device)
+    rm.backbone.to(dtype)                             # the head stays float32
+    rm.to_empty(device=device)
     rm.backbone.tie_weights()
     tensors = model_lib.iter_hf_tensors(rm_dir, rm.backbone.config, extra=("score.weight",))
     dist.load_weights(rm, ((n if n == "score.weight" else f"backbone.{n}", t) for n, t in tensors), where=str(rm_dir))
@@ -217,7 +216,6 @@ def reward_accuracy(rm, pairs, *, batch_size=32, device="cpu"):
 # Work is cut into batches that depend only on the inputs (never on the number of ranks); rank k takes batches k,
 # k + W, ..., gathered back in order. Each batch samples with its own generator, seeded from (round seed, batch
 # index), so 1 process and 8 give the same answers.
-
 
 def derive_seed(*parts):
     """A stable 63-bit seed from any printable parts (Python's hash() is salted per process)."""
@@ -368,7 +366,6 @@ def evaluate_policies(rm, policies, prompts, *, tokenizer, policy_toks=None, rou
 # -----------------------------------------------------------------------------------------------------------
 # Win rates (Tables 2-3), the oracle, and the report: terminal summary, JSON, CSV, Figure 5, samples
 
-
 def pairwise_win_rate(a, b):
     """Per-round win rate of A over B: mean over prompts of [a > b] + 0.5 [a == b]. (R, n), (R, n) -> (R,)"""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -463,8 +460,7 @@ def plot_reward_distributions(rewards, path, title="Reward distribution of each 
 
 def write_report(report, out_dir):
     """winrates.json (all but the samples), winrates.csv (+ oracle_winrates.csv), rewards.png, samples.jsonl."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir := Path(out_dir)).mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "winrates.json", "png": out_dir / "rewards.png", "samples": out_dir / "samples.jsonl"}
     paths["json"].write_text(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2) + "\n")
     for key, which, name in (("csv", "rm", "winrates.csv"), ("oracle_csv", "oracle", "oracle_winrates.csv")):
@@ -478,19 +474,19 @@ def write_report(report, out_dir):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Command line. Every model reads text with the tokenizer it was trained with, none is guessed (the RM's is saved
-# with it).
+# Command line. Every model reads text with the tokenizer it was trained with (the RM's is saved with it), never a
+# guessed one.
 
 
 def model_tokenizer(where, spec, given_flag, given, remedy, fallback=None):
     """How model `spec` reads text: the flag's tokenizer, else its checkpoint's own, else `fallback` (a weightless
     preset has none); up front, an id past its embedding (from its config alone) is refused, not a CUDA assert."""
-    config, _ = one_line(where, model_lib.resolve_model, spec)
+    config, ckpt_dir = one_line(where, model_lib.resolve_model, spec)      # ckpt_dir None: a weightless preset
     tok = fallback
     if given:
         tok = one_line(given_flag, data.load_tokenizer, given)
-    elif model_lib.weightless_preset(spec) is None:
-        tok = one_line(where, data.load_tokenizer, one_line(where, model_lib.resolve_checkpoint, spec),
+    elif ckpt_dir is not None:
+        tok = one_line(where, data.load_tokenizer, ckpt_dir,
                        why=f"; without it, how this model reads text is unknown: {remedy}")
     if tok is not None and tok.vocab_size > config.vocab_size:
         raise EvalError(f"{where}: its {config.vocab_size}-token vocabulary cannot read tokenizer {tok.name!r} "

@@ -38,7 +38,6 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- 1. Config
 
-
 @dataclass
 class ModelConfig:
     family: str = "llama"            # llama | mistral | opt | phi (the HF model_type we read and write)
@@ -120,7 +119,6 @@ PRESETS: dict[str, str | ModelConfig] = {
 
 
 # ----------------------------------------------------------------------------- 2. The model
-
 
 class RMSNorm(nn.RMSNorm):
     def forward(self, x):
@@ -372,8 +370,7 @@ def attention_pairs(seg_lens: torch.Tensor) -> float:
     [prompt|chosen] is causal, (p + c)(p + c + 1) / 2, and each rejected query sees the prompt and the
     rejected tokens up to itself, r * p + r(r + 1) / 2. The unshared layout is c = r = 0 per sequence."""
     p, c, r = (x.double() for x in seg_lens.unbind(1))
-    main = p + c
-    return float((main * (main + 1) / 2 + r * p + r * (r + 1) / 2).sum())
+    return float(((p + c) * (p + c + 1) / 2 + r * p + r * (r + 1) / 2).sum())
 
 
 def step_flops(n_params: int, n_layers: int, d_attn: int, micro_batches) -> float:
@@ -444,7 +441,6 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- 3. Attention
-
 
 KERNELS = ("auto", "sdpa", "flash", "varlen")
 
@@ -580,7 +576,6 @@ def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, dev
 
 
 # ----------------------------------------------------------------------------- 4. Hugging Face
-
 
 _REQUIRED = object()   # a config.json key without a default
 # (our field, config.json key, default when absent): read by config_from_hf, written by config_to_hf
@@ -897,8 +892,7 @@ def save_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig,
                        hf_config: dict | None = None) -> Path:
     """Write config.json and HF-named safetensors, sharded above max_shard_bytes; a tied lm_head is not written, as
     HF does. `extra`: more tensors by HF name (a reward model's score.weight); `hf_config`: keys for config.json."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir := Path(out_dir)).mkdir(parents=True, exist_ok=True)
     expected, ours = expected_params(config), {plain_name(n): t for n, t in state_dict.items()}
     if config.tie_embeddings:
         ours.pop("lm_head.weight", None)   # the embedding itself
