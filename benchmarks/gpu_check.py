@@ -129,7 +129,7 @@ def write_model(folder: Path, layers: int, window: int | None, smoke: bool = Fal
     torch.manual_seed(0)
     with torch.device("cpu" if smoke else "cuda"):          # random init on the GPU: seconds, not minutes
         model = model_lib.Transformer(config)
-    model.save_pretrained(folder)
+    model.to("cpu").save_pretrained(folder)                 # safetensors writes host memory
     data_lib.synthetic_tokenizer().save(folder)
     n = sum(p.numel() for p in model.parameters())
     del model
