@@ -14,11 +14,11 @@ HH-RLHF-like lengths; pairs are packed until --max-tokens tokens per step.
 Reported:
   tokens/s     tokens computed per second (the shared prompt counted once) and pair tokens/s (prompt counted
                with both answers, as padding-free trainers without prompt sharing would compute them)
-  TFLOP/s, MFU model FLOPs per step / step time / peak: 6 x (parameters in matmuls: everything except the
-               input embedding) x tokens, with the lm_head counted on the M target rows, plus attention:
-               12 x d_attn x (query, key) pairs allowed by the mask, per layer (QK^T and AV, forward and
-               backward). Recomputation (activation checkpointing, the chunked lm_head's backward) is not
-               counted. Peak: dense bf16 tensor-core FLOP/s by device name (e.g. H100/H200 989 TFLOP/s),
+  TFLOP/s, MFU model FLOPs per step / step time / peak: train.step_flops, the count of train.py's MFU,
+               with the non-embedding parameters (torchtitan's exclude_embedding): 6 x params x tokens plus
+               attention, 12 x d_attn x (query, key) pairs allowed by the mask, per layer (QK^T and AV,
+               forward and backward). Recomputation (activation checkpointing, the chunked lm_head's
+               backward) is not counted. Peak: dense bf16 tensor-core FLOP/s by device name (e.g. H100/H200 989 TFLOP/s),
                or --peak-tflops.
   memory       torch.cuda.max_memory_allocated over the timed steps
 Checks, per kernel: the loss is finite; its per-token log-probs and logits equal the SDPA path's within bf16
@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step import load_pairs, matmul_params  # noqa: E402  (benchmarks/step.py: the pairs, the FLOP count's params)
 
 # dense bf16 tensor-core peak in TFLOP/s, matched as a substring of torch.cuda.get_device_name() (first match wins)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
@@ -71,17 +72,11 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# FLOPs
+# FLOPs: train.py's MFU count, reused (train.step_flops) with the non-embedding parameters (step.matmul_params)
 
 def step_flops(config, n_matmul_params: int, batch) -> float:
-    """Model FLOPs of one forward + backward: 6 per parameter per token (lm_head on the M target rows only)
-    plus attention (2 matmuls x 2 FLOPs x d_attn per allowed pair, x3 for forward + backward)."""
-    lm_head = config.vocab_size * config.embed_dim
-    trunk = n_matmul_params - lm_head
-    M = batch.tgt_index.numel()
-    d_attn = config.n_heads * config.head_dim
-    from train import attention_pairs   # (query, key) pairs the packed mask allows
-    return 6 * trunk * batch.num_tokens + 6 * lm_head * M + 12 * config.n_layers * d_attn * attention_pairs(batch.seg_lens)
+    import train
+    return train.step_flops(n_matmul_params, config.n_layers, config.n_heads * config.head_dim, [batch])
 
 
 # -----------------------------------------------------------------------------
@@ -93,7 +88,6 @@ def make_batches(args, n_steps: int):
     Returns the groups (lists of TokenizedPair), their pair tokens (prompt counted with each answer) and
     where the pairs came from."""
     import data as data_lib
-    from step import load_pairs
     pairs, source = load_pairs(args.max_length, args.seed)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(pairs))
@@ -187,6 +181,10 @@ def print_table(name, config, n_params, n_matmul, peak, rows, pair_tokens):
           f"TFLOP/s | MFU | peak memory |")
     print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for (backend, layout), r in rows.items():
+        if r is None:
+            print(f"| {name} | {config.n_layers} | {n_params / 1e9:.2f}B | {backend} | {layout} | out of memory |"
+                  + " |" * 6)
+            continue
         total_s = sum(r["times"])
         tokens = sum(b.num_tokens for b in r["timed"])
         tflops = sum(step_flops(config, n_matmul, b) for b in r["timed"]) / total_s / 1e12
@@ -248,7 +246,7 @@ def main(argv=None) -> int:
         model.activation_checkpointing = args.activation_checkpointing
         model.train()
         n_params = sum(p.numel() for p in model.parameters())
-        n_matmul = n_params - model.tok_embeddings.weight.numel() * (not config.tie_embeddings)
+        n_matmul = matmul_params(model)
         optimizer = train.build_optimizer(model, 1e-5, 0.0, device)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16)
         groups, pair_tokens, source = make_batches(args, args.warmup + args.steps)
@@ -271,7 +269,14 @@ def main(argv=None) -> int:
         for backend in backends.values():
             for layout in layouts:
                 t = time.time()
-                rows[backend, layout] = time_row(model, optimizer, backend, packed[layout], args, device, autocast)
+                try:   # one row out of memory (SDPA's dense (N, N) mask) must not cost the other rows
+                    rows[backend, layout] = time_row(model, optimizer, backend, packed[layout], args, device, autocast)
+                except torch.cuda.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    rows[backend, layout] = None
+                    print(f"row {backend} / {layout}: out of GPU memory at {args.max_tokens} tokens per step")
+                    continue
                 print(f"timed {backend} / {layout}: {len(rows[backend, layout]['times'])} steps in "
                       f"{time.time() - t:.0f}s (incl. warmup and any compilation)")
     except torch.cuda.OutOfMemoryError:
@@ -280,8 +285,8 @@ def main(argv=None) -> int:
         return 2
 
     print_table(name, config, n_params, n_matmul, peak, rows, pair_tokens[args.warmup:])
-    finite = all(math.isfinite(x) for r in rows.values() for x in r["losses"])
-    losses = " | ".join(f"{b}/{lay} {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}" for (b, lay), r in rows.items())
+    finite = all(math.isfinite(x) for r in rows.values() if r for x in r["losses"])
+    losses = " | ".join(f"{b}/{lay} {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}" for (b, lay), r in rows.items() if r)
     print(f"losses (the weights carry on from row to row; speed does not depend on them): {losses}")
     verdicts = ", ".join(f"{b} {'OK' if ok else 'FAIL'}" for b, ok in checked.items())
     print(f"loss finite: {'OK' if finite else 'FAIL'} | kernel == SDPA: {verdicts}")

@@ -37,8 +37,20 @@ Usage (the defaults take about 5-10 minutes on a 2-core CPU):
     python benchmarks/step.py                     # all rows, 2 batches of 8 pairs, 1 warmup + 3 timed rounds
     python benchmarks/step.py --rows ours,trl --repeats 5
     python benchmarks/step.py --quick             # 1 batch, 1 repeat: a smoke run
+    python benchmarks/step.py --rows ours --profile   # where the default step's time goes, phase by phase
+    python benchmarks/step.py --sweep --json sweep.json   # cost as the work grows (ours vs TRL), and scaling.png
+
+The physical limit (issue 16): at the start and at the end of the run the parent measures float32 matmul
+throughput under the same thread count (a --peak-size square matmul, best of 5), by wall time and per CPU
+second. Each training row reports its model FLOP/s, train.step_flops (6 x non-embedding params x tokens +
+12 x layers x d_attn x the (query, key) pairs the mask allows) of the layout it computes (the shared batch for
+ours, the padding-free unshared batch for the others: padding is not model work), and its fraction of that
+peak. The chunked lm_head's recompute of the logits in backward (2 x V x D per target) is extra work beyond
+the model FLOPs and is reported apart.
 """
 import argparse
+import copy
+import itertools
 import json
 import os
 import resource
@@ -46,9 +58,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
+
+import math
 
 import numpy as np
 import torch
@@ -58,6 +73,7 @@ sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 HH_RLHF = SHARED / "hh-rlhf-harmless-test.parquet"
 LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama2"
+SHAREGPT = SHARED / "llamafactory-dpo-en-demo.parquet"   # ShareGPT layout, 1-13 turns: the long pairs
 
 TRAIN_ROWS = ("ours", "ours-unshared", "trl", "pad-max")
 LOGPS_ROWS = ("logps-chunked", "logps-full")
@@ -88,6 +104,26 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="1 batch, no warmup round beyond the first step, 1 repeat")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--synthetic-data", action="store_true", help="synthetic pairs even where the real data is present")
+    p.add_argument("--long-pairs", action="store_true",
+                   help="the longest ShareGPT multi-turn pairs cut to --max-length instead of random HH-RLHF pairs")
+    p.add_argument("--peak-size", type=int, default=3072, help="side of the square float32 matmul that measures the peak")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the rows: time the default (ours) step phase by phase, in this process")
+    p.add_argument("--mem-cap-gb", type=float, default=14.0,
+                   help="a row's process is stopped when its RSS passes this (the machine has 24 GB, shared)")
+    p.add_argument("--row-time-limit", type=float, default=300.0,
+                   help="a row is stopped when one of its steps (or timed rounds) takes longer, in seconds")
+    g = p.add_argument_group("sweep (cost as the work grows: one thing varied at a time, ours against TRL)")
+    g.add_argument("--sweep", action="store_true", help="run the sweep instead of the rows, and plot it")
+    g.add_argument("--sweep-pairs", default="4,8,16,32", help="pairs per batch (HH-RLHF random pairs, --max-length)")
+    g.add_argument("--sweep-lengths", default="512,1024,2048",
+                   help="max lengths: the --pairs longest ShareGPT multi-turn pairs cut to each")
+    g.add_argument("--sweep-vocabs", default="32000,128256", help="vocabulary sizes, same trunk, the --pairs batch")
+    g.add_argument("--sweep-rows", default="ours,trl", help="rows of each sweep point")
+    g.add_argument("--sweep-repeats", type=int, default=1, help="timed rounds per point, after the loss-check step")
+    g.add_argument("--plot", default=str(Path(__file__).with_name("scaling.png")), help="the sweep's figure")
+    g.add_argument("--plot-from", default=None, help="only redraw --plot from a sweep's --json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)     # internal: run one row
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -98,6 +134,14 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown rows {bad}; choose from {ALL_ROWS}")
     args.rows = rows
+    args.sweep_rows = [r for r in args.sweep_rows.split(",") if r]
+    if any(r not in ("ours", "ours-unshared", "trl") for r in args.sweep_rows):
+        p.error(f"--sweep-rows: choose from ours, ours-unshared, trl (got {args.sweep_rows})")
+    for k in ("sweep_pairs", "sweep_lengths", "sweep_vocabs"):
+        try:
+            setattr(args, k, [int(x) for x in getattr(args, k).split(",") if x])
+        except ValueError:
+            p.error(f"--{k.replace('_', '-')} {getattr(args, k)}: want comma-separated integers")
     return args
 
 
@@ -129,13 +173,71 @@ def rss_mb() -> float:
     return _status_kb("VmRSS") / 1024
 
 
+def child_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:   # the process has just exited
+        pass
+    return 0.0
+
+
+# -----------------------------------------------------------------------------
+# the physical limit and the model FLOPs
+
+def matmul_peak(threads: int, n: int = 3072, repeats: int = 5) -> dict:
+    """float32 (n, n) @ (n, n) under `threads` threads, best of `repeats`: FLOP/s by wall time and per CPU
+    second (CPU time counts the threads that run; a matmul keeps all of them busy, so on an idle machine
+    per-CPU-second x threads = wall FLOP/s, and under load the CPU figure is the one that is not diluted)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b                                                   # warm: MKL's buffers and thread pool
+    best_wall = best_cpu = math.inf
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        a @ b
+        best_wall, best_cpu = min(best_wall, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
+    flops = 2 * n**3
+    return {"n": n, "threads": threads, "flops_per_s": flops / best_wall, "flops_per_cpu_s": flops / best_cpu}
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls, as torchtitan counts them for MFU (exclude_embedding): all but the
+    input embedding (and OPT's learned positions); a tied embedding is counted once, as the lm_head's matmul."""
+    n = sum(p.numel() for p in model.parameters())           # parameters() yields a tied weight once
+    if not model.config.tie_embeddings:
+        n -= model.tok_embeddings.weight.numel()
+    if model.pos_embeddings is not None:
+        n -= model.pos_embeddings.weight.numel()
+    return n
+
+
+def pack(pairs, shared: bool):
+    import data as data_lib
+    return data_lib.pack_pairs([data_lib.TokenizedPair(*(np.asarray(x, np.int32) for x in pr)) for pr in pairs],
+                               shared_prompt=shared, prompt_loss=True)
+
+
+def model_flops(flop_info: dict, pairs, shared: bool) -> float:
+    """train.step_flops of one batch in the layout a row computes (train.py's MFU count, reused)."""
+    import train
+    return train.step_flops(flop_info["matmul_params"], flop_info["n_layers"], flop_info["d_attn"],
+                            [pack(pairs, shared)])
+
+
+def recompute_flops(flop_info: dict, pairs, shared: bool) -> float:
+    """The chunked lm_head's extra work: its backward recomputes each chunk's (C, V) logits, 2 x V x D per target."""
+    return 2.0 * flop_info["vocab"] * flop_info["embed_dim"] * pack(pairs, shared).tgt_index.numel()
+
+
 # -----------------------------------------------------------------------------
 # setup (parent process): pairs, batches, one checkpoint shared by every row
 
-def load_pairs(max_length: int, seed: int):
+def load_pairs(max_length: int, seed: int, synthetic: bool = False, vocab: int = 32000):
     """[(prompt, chosen, rejected) token lists] of the real HH-RLHF pairs, or synthetic ones with a note."""
     import data as data_lib
-    if HH_RLHF.exists() and (LLAMA2_TOKENIZER / "tokenizer.json").exists():
+    if not synthetic and HH_RLHF.exists() and (LLAMA2_TOKENIZER / "tokenizer.json").exists():
         tok = data_lib.load_tokenizer(LLAMA2_TOKENIZER)
         ps = data_lib.build_pairs(HH_RLHF, tok, max_length=max_length, max_prompt_length=max_length)
         st = ps.stats
@@ -150,18 +252,23 @@ def load_pairs(max_length: int, seed: int):
     for _ in range(2000):
         p, c, r = (int(np.clip(rng.lognormal(np.log(m), s), 2, max_length // 2)) for m, s in
                    ((108, 0.8), (29, 1.0), (38, 1.0)))
-        ids = lambda n: [1] * (n > 0) + rng.integers(3, 32000, n - 1).tolist()
-        pairs.append((ids(p), rng.integers(3, 32000, c).tolist(), rng.integers(3, 32000, r).tolist()))
+        ids = lambda n: [1] * (n > 0) + rng.integers(3, vocab, n - 1).tolist()
+        pairs.append((ids(p), rng.integers(3, vocab, c).tolist(), rng.integers(3, vocab, r).tolist()))
     return pairs, "SYNTHETIC (HH-RLHF-like lengths)"
 
 
-def write_checkpoint(args, out_dir: Path) -> None:
+def write_checkpoint(args, out_dir: Path) -> dict:
+    """The benchmark model, saved once for every row; returns what its FLOP count needs."""
     import model as model_lib
     config = model_lib.ModelConfig(family="llama", vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
                                    n_heads=args.heads, ffn_dim=args.ffn, max_seq_len=max(2048, args.max_length),
                                    bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID)
     torch.manual_seed(args.seed)
-    model_lib.Transformer(config).save_pretrained(out_dir)
+    model = model_lib.Transformer(config)
+    model.save_pretrained(out_dir)
+    return {"matmul_params": matmul_params(model), "params": sum(p.numel() for p in model.parameters()),
+            "n_layers": config.n_layers, "d_attn": config.n_heads * config.head_dim, "vocab": config.vocab_size,
+            "embed_dim": config.embed_dim}
 
 
 def tokens_per_pair(pairs):
@@ -367,13 +474,154 @@ def run_worker(args):
 
 
 # -----------------------------------------------------------------------------
+# --profile: where the default step's time goes
+
+PHASES = ("attention layout (the (N, N) mask)", "trunk forward", "lm_head forward (token_logps)", "loss (eqs. 3, 6, 7)",
+          "lm_head backward (recompute, index_add)", "trunk backward", "grad clipping", "AdamW step + zero_grad")
+
+
+def timed_step(model, optimizer, b, lam, totals):
+    """train.train_step's work for one shared batch, phase by phase (the same calls, in the same order), adding
+    [wall, CPU] seconds per phase into totals. The lm_head backward ends when the gradient of the hidden states
+    is complete (a hook on them); the trunk's backward is the rest."""
+    import model as model_lib
+    import orpo
+
+    def timed(name, fn):
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        totals[name][0] += time.perf_counter() - t
+        totals[name][1] += time.process_time() - c
+        return out
+
+    layout = timed(PHASES[0], lambda: model_lib.packed_layout(b.seg_lens.cpu(), b.position_ids, model.config.sliding_window,
+                                                              torch.float32, model.attention))
+    hidden = timed(PHASES[1], lambda: model._trunk(b.input_ids, b.position_ids, layout))              # (N, D)
+    logps = timed(PHASES[2], lambda: model.token_logps(hidden, b.tgt_index, b.tgt_ids))               # (M,)
+
+    def loss_fn():
+        P = b.n_pairs
+        seq = orpo.mean_logps(logps[b.tgt_response], b.tgt_seq[b.tgt_response], 2 * P)
+        or_losses, _ = orpo.odds_ratio_loss(seq[:P], seq[P:])
+        return -logps[b.tgt_nll].sum() / b.n_nll_tokens + lam * or_losses.sum() / P
+
+    loss = timed(PHASES[3], loss_fn)
+    mark = []
+    hidden.register_hook(lambda g: mark.append((time.perf_counter(), time.process_time())))
+    t, c = time.perf_counter(), time.process_time()
+    loss.backward()
+    t1, c1 = time.perf_counter(), time.process_time()
+    (th, ch), = mark
+    totals[PHASES[4]][0] += th - t
+    totals[PHASES[4]][1] += ch - c
+    totals[PHASES[5]][0] += t1 - th
+    totals[PHASES[5]][1] += c1 - ch
+    timed(PHASES[6], lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True))
+    timed(PHASES[7], lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
+
+
+def phase_flops(flop_info, b) -> dict:
+    """Model FLOPs of each phase of one shared batch (the lm_head on its M target rows, as token_logps computes)."""
+    import train
+    lm = flop_info["vocab"] * flop_info["embed_dim"]
+    trunk, N, M = flop_info["matmul_params"] - lm, b.num_tokens, b.tgt_index.numel()
+    attn = 4 * flop_info["n_layers"] * flop_info["d_attn"] * train.attention_pairs(b.seg_lens)   # forward
+    return {PHASES[1]: 2 * trunk * N + attn, PHASES[2]: 2 * lm * M, PHASES[4]: 4 * lm * M, PHASES[5]: 4 * trunk * N + 2 * attn}
+
+
+def attention_alternative(model, b, repeats: int = 2) -> tuple[float, float]:
+    """CPU seconds of one layer's attention forward + backward on batch b: one SDPA call under the (N, N) mask (what
+    model.py does on the CPU) against one SDPA call per pair segment under its own (n, n) mask (block-diagonal)."""
+    import model as model_lib
+    c = model.config
+    q = torch.randn(b.num_tokens, c.n_heads, c.head_dim, requires_grad=True)
+    k = torch.randn(b.num_tokens, c.n_kv_heads, c.head_dim, requires_grad=True)
+    v = torch.randn(b.num_tokens, c.n_kv_heads, c.head_dim, requires_grad=True)
+    seg = b.seg_lens.sum(1).tolist()
+    starts = np.concatenate([[0], np.cumsum(seg)])
+    layout = model_lib.packed_layout(b.seg_lens, b.position_ids, None, torch.float32, "sdpa")
+    per_seg = [model_lib.packed_layout(b.seg_lens[i:i + 1], b.position_ids[starts[i]:starts[i + 1]], None,
+                                       torch.float32, "sdpa") for i in range(len(seg))]
+
+    def one_call():
+        model_lib.attend(q, k, v, layout).sum().backward()
+
+    def per_segment():
+        outs = [model_lib.attend(q[s:e], k[s:e], v[s:e], L) for s, e, L in zip(starts[:-1], starts[1:], per_seg)]
+        torch.cat(outs).sum().backward()
+
+    res = []
+    for fn in (one_call, per_segment):
+        fn()
+        c0 = time.process_time()
+        for _ in range(repeats):
+            fn()
+        res.append((time.process_time() - c0) / repeats)
+    return res[0], res[1]
+
+
+def profile_ours(args, ckpt, batches, flop_info, peak) -> int:
+    """--profile: the default step, phase by phase, with each phase's model FLOP/s against the matmul peak; then
+    the attention kernel's alternatives and the top operators of one torch.profiler round."""
+    import model as model_lib
+    import train
+    model = model_lib.Transformer.from_pretrained(ckpt)
+    model.train()
+    optimizer = train.build_optimizer(model, LR, 0.0, torch.device("cpu"))
+    packed = [pack(b, True) for b in batches]
+    scratch = {k: [0.0, 0.0] for k in PHASES}
+    for b in packed:                                       # warmup: allocator, MKL buffers, AdamW state
+        timed_step(model, optimizer, b, args.lam, scratch)
+    totals = {k: [0.0, 0.0] for k in PHASES}
+    for _ in range(args.repeats):
+        for b in packed:
+            timed_step(model, optimizer, b, args.lam, totals)
+    n_steps = args.repeats * len(packed)
+    fl = {k: sum(phase_flops(flop_info, b).get(k, 0.0) for b in packed) * args.repeats for k in PHASES}
+    wall, cpu = sum(t[0] for t in totals.values()), sum(t[1] for t in totals.values())
+    print(f"\n### The default step (ours), phase by phase: {n_steps} steps, {args.threads} threads; matmul peak "
+          f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s wall, {peak['flops_per_cpu_s'] / 1e9:.1f} per CPU s\n")
+    print("| phase | wall per step | CPU per step | share of CPU | model GFLOP per step | GFLOP per CPU s | of peak |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for k in PHASES:
+        w, c = totals[k]
+        rate = fl[k] / c if c and fl[k] else 0.0
+        print(f"| {k} | {1000 * w / n_steps:,.0f} ms | {1000 * c / n_steps:,.0f} ms | {100 * c / cpu:.0f}% | "
+              + (f"{fl[k] / n_steps / 1e9:,.1f} | {rate / 1e9:,.1f} | {100 * rate / peak['flops_per_cpu_s']:.0f}% |"
+                 if fl[k] else "- | - | - |"))
+    total_fl = sum(fl.values())
+    print(f"| **step** | {1000 * wall / n_steps:,.0f} ms | {1000 * cpu / n_steps:,.0f} ms | 100% | "
+          f"{total_fl / n_steps / 1e9:,.1f} | {total_fl / cpu / 1e9:,.1f} | {100 * total_fl / cpu / peak['flops_per_cpu_s']:.0f}% |")
+    rec = sum(recompute_flops(flop_info, b, True) for b in batches) / len(batches)
+    print(f"\nnot counted above: the lm_head backward also recomputes the logits, {rec / 1e9:.1f} GFLOP per step "
+          f"(+{100 * rec * n_steps / total_fl:.0f}% of the model FLOPs)")
+    b = packed[0]
+    one, per = attention_alternative(model, b)
+    pairs = train.attention_pairs(b.seg_lens)
+    print(f"attention, one layer forward + backward on batch 0 ({b.num_tokens} tokens, {len(b.seg_lens)} pairs): one SDPA "
+          f"call under the (N, N) mask {1000 * one:,.0f} ms CPU; one call per pair under its own mask {1000 * per:,.0f} ms "
+          f"CPU. The mask allows {pairs:,.0f} of the N^2 = {b.num_tokens ** 2:,} (query, key) pairs "
+          f"({100 * pairs / b.num_tokens ** 2:.0f}%)")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in packed:
+            timed_step(model, optimizer, b, args.lam, scratch)
+    print("\ntop operators of one profiled round (self CPU time):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return 0
+
+
+# -----------------------------------------------------------------------------
 # parent: run the rows, print the tables
 
 class Worker:
-    """One row's child process, driven line by line (see run_worker)."""
+    """One row's child process, driven line by line (see run_worker). A watchdog thread stops it when its RSS
+    passes --mem-cap-gb or one command runs past --row-time-limit: on a shared 24 GB machine a row that would
+    need more is a result ("cannot run here"), not a reason to bring the machine down."""
 
     def __init__(self, row, args, workdir):
-        self.row, self.failed = row, None
+        self.row, self.failed, self.stopped = row, None, None
+        self.mem_cap_mb, self.time_limit, self.deadline, self.peak_seen_mb = 1024 * args.mem_cap_gb, args.row_time_limit, None, 0.0
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", row, "--workdir", str(workdir)]
         for k in ("pairs", "threads", "max_length", "lam", "chunk_size", "seed"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
@@ -383,16 +631,35 @@ class Worker:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                      text=True, env=env, cwd=REPO)
         self.result = {"row": row, "round_s": [], "cpu_s": []}
+        threading.Thread(target=self._watch, daemon=True).start()
         self._read("setup")
+
+    def _watch(self):
+        while self.proc.poll() is None:
+            rss = child_rss_mb(self.proc.pid)
+            self.peak_seen_mb = max(self.peak_seen_mb, rss)
+            if rss > self.mem_cap_mb:
+                self.stopped = f"stopped: its memory passed the {self.mem_cap_mb / 1024:g} GB cap"
+            elif self.deadline is not None and time.time() > self.deadline:
+                self.stopped = f"stopped: one step took over the {self.time_limit:.0f} s limit"
+            if self.stopped:
+                self.proc.kill()
+                return
+            time.sleep(0.05)
 
     def _read(self, what):
         for line in self.proc.stdout:
             if line.startswith("REPLY "):
                 self.result.update(json.loads(line[len("REPLY "):]))
                 return True
+        self.proc.wait()
+        if self.stopped:
+            self.failed = self.stopped
+            print(f"  {self.row}: {self.stopped} (during {what}; RSS seen {self.peak_seen_mb:,.0f} MB)")
+            return False
         self.stderr.seek(0)
         tail = "\n".join(self.stderr.read().splitlines()[-12:])
-        self.failed = f"{self.row}: the child process died during {what} (exit {self.proc.wait()}):\n{tail}"
+        self.failed = f"{self.row}: the child process died during {what} (exit {self.proc.returncode}):\n{tail}"
         print("  FAILED " + self.failed)
         return False
 
@@ -400,9 +667,15 @@ class Worker:
         if self.failed:
             return None
         before = dict(self.result)
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        if not self._read(cmd):
+        self.deadline = time.time() + self.time_limit
+        try:
+            self.proc.stdin.write(cmd + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:   # it died between two commands: _read reports how
+            pass
+        ok = self._read(cmd)
+        self.deadline = None
+        if not ok:
             return None
         if cmd == "round":
             for k in ("round_s", "cpu_s"):
@@ -439,7 +712,7 @@ def run_group(rows, args, workdir, warmup, repeats):
     for w in workers:
         w.close()
         if w.failed:
-            results[w.row] = None
+            results[w.row] = {"failed": w.failed, "rss_seen_mb": w.peak_seen_mb}
             continue
         res = w.result
         res["round_s"], res["cpu_s"] = res["round_s"][warmup:], res["cpu_s"][warmup:]
@@ -453,13 +726,47 @@ def run_group(rows, args, workdir, warmup, repeats):
     return results
 
 
+def ok(res) -> bool:
+    return bool(res) and "failed" not in res
+
+
+def row_flops(row: str, batches, flop_info: dict) -> tuple[float, float]:
+    """(model FLOPs, lm_head recompute FLOPs) of one round over the batches, in the layout the row computes: the
+    shared batch for ours, the padding-free unshared one for the others (their padding is not model work)."""
+    shared = row == "ours"
+    model = sum(model_flops(flop_info, b, shared) for b in batches)
+    recompute = sum(recompute_flops(flop_info, b, shared) for b in batches) if row.startswith("ours") else 0.0
+    return model, recompute
+
+
 def fmt_ratio(x, ref):
     return f"{x / ref:.2f}x" if ref else "-"
 
 
-def print_tables(args, results, pair_tokens, setup_info):
+def print_flops_table(train: dict, flops: dict, peaks: list, threads: int) -> None:
+    """Each training row's model FLOP/s against the matmul peak measured in this run (the best of its start and end
+    measurements), by wall time and per CPU second; the chunked lm_head's recompute apart."""
+    peak_wall = max(p["flops_per_s"] for p in peaks)
+    peak_cpu = max(p["flops_per_cpu_s"] for p in peaks)
+    print(f"\n### Model FLOP/s against this machine's float32 matmul peak ({threads} threads: "
+          f"{peak_wall / 1e9:.1f} GFLOP/s by wall time, {peak_cpu / 1e9:.1f} GFLOP per CPU second)\n")
+    print("| step | model GFLOP per step | GFLOP/s (wall) | of peak | GFLOP per CPU s | of peak | "
+          "lm_head recompute per step (extra, not counted) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r, res in train.items():
+        model, recompute = flops[r]
+        n = res["n_batches"]
+        wall, cpu = model / res["median_round_s"], model / res["median_cpu_s"]
+        extra = f"{recompute / n / 1e9:,.1f} GFLOP (+{100 * recompute / model:.0f}%)" if recompute else "-"
+        print(f"| {r} | {model / n / 1e9:,.1f} | {wall / 1e9:,.1f} | {100 * wall / peak_wall:.0f}% | "
+              f"{cpu / 1e9:,.1f} | {100 * cpu / peak_cpu:.0f}% | {extra} |")
+    print("\nmodel FLOPs: train.step_flops (6 x non-embedding params x tokens + attention pairs the mask allows) of the "
+          "layout each row computes (shared batch for ours; padding-free unshared batch for the others)")
+
+
+def print_tables(args, results, pair_tokens, setup_info, flops=None, peaks=None):
     n_batch_tokens = sum(pair_tokens)
-    train = {r: results[r] for r in TRAIN_ROWS if results.get(r)}
+    train = {r: results[r] for r in TRAIN_ROWS if ok(results.get(r))}
     trl = train.get("trl")
     print(f"\n### One ORPO optimizer step on CPU (fp32, {args.threads} threads; {setup_info})\n")
     print("| step | time per step | pair tokens/s | vs TRL | CPU time per step | vs TRL | tokens computed per step | step memory | vs TRL | loss, batch 0 |")
@@ -476,7 +783,7 @@ def print_tables(args, results, pair_tokens, setup_info):
               f"{fmt_ratio(trl['median_cpu_s'], res['median_cpu_s']) if trl else '-'} | {comp:,.0f} | "
               f"{res['peak_minus_base_mb']:,.0f} MB | {fmt_ratio(res['peak_minus_base_mb'], trl['peak_minus_base_mb']) if trl else '-'} | "
               f"{res['first_loss']:.6f} |")
-    lp = {r: results[r] for r in LOGPS_ROWS if results.get(r)}
+    lp = {r: results[r] for r in LOGPS_ROWS if ok(results.get(r))}
     if lp:
         print(f"\n### Per-token log-probs of one batch, forward + backward, vocab {args.vocab}\n")
         print("| log-probs | time | memory | vs full |")
@@ -488,6 +795,9 @@ def print_tables(args, results, pair_tokens, setup_info):
                   f"{fmt_ratio(res['peak_minus_base_mb'], full['peak_minus_base_mb']) if full else '-'} |")
         n = lp[next(iter(lp))]["computed_tokens"][0]
         print(f"\n(N = {n:,} hidden rows; full float32 logits alone are N x V x 4 B = {n * args.vocab * 4 / 2**20:,.0f} MB)")
+
+    if flops:
+        print_flops_table(train, flops, peaks, args.threads)
 
     # checks and targets
     print()
@@ -505,19 +815,213 @@ def print_tables(args, results, pair_tokens, setup_info):
         print(f"target (issue 8) tokens/s >= 1.5x TRL: {speed:.2f}x by wall time, {cpu_speed:.2f}x by CPU time "
               f"-> {'met' if min(speed, cpu_speed) >= 1.5 else 'MISSED'}")
         print(f"target (issue 8) memory <= 0.6x TRL:   {mem:.2f}x -> {'met' if mem <= 0.6 else 'MISSED'}")
-    if any(not res["peak_reset"] for res in results.values() if res):
+    if any(not res["peak_reset"] for res in results.values() if ok(res)):
         print("note: /proc/self/clear_refs was not writable: memory = ru_maxrss - RSS after load (includes load peaks)")
+
+
+# -----------------------------------------------------------------------------
+# --sweep: cost as the work grows, one thing varied at a time, ours against TRL on the same pairs
+
+def load_long_pairs(max_length: int, seed: int, synthetic: bool = False, vocab: int = 32000):
+    """Multi-turn pairs for the length axis: the ShareGPT-layout DPO demo (1-13 turns) cut by data.py's rule to
+    max_length (prompts up to 3/4 of it), or synthetic pairs near max_length when the data is absent."""
+    import data as data_lib
+    if not synthetic and SHAREGPT.exists() and (LLAMA2_TOKENIZER / "tokenizer.json").exists():
+        tok = data_lib.load_tokenizer(LLAMA2_TOKENIZER)
+        ps = data_lib.build_pairs(SHAREGPT, tok, max_length=max_length, max_prompt_length=3 * max_length // 4)
+        return [(pr.prompt_ids.tolist(), pr.chosen_ids.tolist(), pr.rejected_ids.tolist()) for pr in ps], \
+            "ShareGPT multi-turn (LLaMA-Factory DPO demo), Llama-2 tokenizer, the longest pairs"
+    rng = np.random.default_rng(seed)
+    ids = lambda n: rng.integers(3, vocab, max(1, n)).tolist()
+    return [(ids(int(max_length * rng.uniform(0.4, 0.6))), ids(int(max_length * rng.uniform(0.2, 0.4))),
+             ids(int(max_length * rng.uniform(0.2, 0.4)))) for _ in range(200)], "SYNTHETIC long pairs"
+
+
+def longest(pairs, n: int):
+    """The n pairs with the longest sequence (prompt + the longer answer), longest first."""
+    return sorted(pairs, key=lambda pr: -(len(pr[0]) + max(len(pr[1]), len(pr[2]))))[:n]
+
+
+def sweep_points(args) -> list[dict]:
+    """One point per value on each axis; the others stay at the centre (--pairs HH-RLHF pairs, --max-length, --vocab)."""
+    pts = [dict(axis="pairs", value=n, pairs=n, max_length=args.max_length, vocab=args.vocab, source="hh")
+           for n in args.sweep_pairs]
+    pts += [dict(axis="length", value=L, pairs=args.pairs, max_length=L, vocab=args.vocab, source="long")
+            for L in args.sweep_lengths]
+    pts += [dict(axis="vocab", value=V, pairs=args.pairs, max_length=args.max_length, vocab=V, source="hh")
+            for V in args.sweep_vocabs]
+    return pts
+
+
+def sweep_record(point, row, res, batch, flop_info) -> dict:
+    rec = {**point, "row": row, "pair_tokens": sum(2 * len(p) + len(c) + len(r) for p, c, r in batch),
+           "params": flop_info["params"]}
+    if not ok(res):
+        return {**rec, "failed": (res or {}).get("failed", "did not run"), "rss_seen_mb": (res or {}).get("rss_seen_mb")}
+    n = res["n_batches"]
+    return {**rec, "wall_s": res["median_round_s"] / n, "cpu_s": res["median_cpu_s"] / n,
+            "memory_mb": res["peak_minus_base_mb"], "first_loss": res["first_loss"],
+            "computed_tokens": statistics.mean(res["computed_tokens"])}
+
+
+def run_sweep(args, peaks) -> int:
+    """Every point in its own worker processes (the rows take turns), one batch per point: a loss-check step, then
+    --sweep-repeats timed steps; each row is stopped at --mem-cap-gb or past --row-time-limit per step."""
+    t_start, records, done = time.time(), [], {}
+    hh, hh_source = load_pairs(args.max_length, args.seed, args.synthetic_data, min(args.sweep_vocabs + [args.vocab]))
+    order = np.random.default_rng(args.seed).permutation(len(hh))     # nested batches: 4 pairs are the first 4 of 8
+    with tempfile.TemporaryDirectory(prefix="orpo-sweep-") as tmp:
+        ckpts = {}
+        for i, pt in enumerate(sweep_points(args)):
+            key = (pt["pairs"], pt["max_length"], pt["vocab"], pt["source"])
+            if key in done:                                  # the centre appears on two axes: measured once
+                records += [{**r, "axis": pt["axis"], "value": pt["value"]} for r in done[key]]
+                continue
+            pargs = copy.copy(args)
+            pargs.pairs, pargs.max_length, pargs.vocab = pt["pairs"], pt["max_length"], pt["vocab"]
+            if pt["source"] == "hh":
+                batch, source = [hh[j] for j in order[:pt["pairs"]]], hh_source
+            else:
+                long_pairs, source = load_long_pairs(pt["max_length"], args.seed, args.synthetic_data,
+                                                     min(args.sweep_vocabs + [args.vocab]))
+                batch = longest(long_pairs, pt["pairs"])
+            if pt["vocab"] not in ckpts:
+                ckpts[pt["vocab"]] = (Path(tmp) / f"ckpt{pt['vocab']}", None)
+                ckpts[pt["vocab"]] = (ckpts[pt["vocab"]][0], write_checkpoint(pargs, ckpts[pt["vocab"]][0]))
+            ckpt, flop_info = ckpts[pt["vocab"]]
+            workdir = Path(tmp) / f"point{i}"
+            workdir.mkdir()
+            torch.save({"batches": [batch], "ckpt": str(ckpt), "workdir": str(workdir)}, workdir / "setup.pt")
+            print(f"\n[{time.time() - t_start:.0f}s] {pt['axis']} = {pt['value']}: {pt['pairs']} pairs of {source}, max "
+                  f"length {pt['max_length']}, vocab {pt['vocab']}; longest sequence "
+                  f"{max(len(p) + max(len(c), len(r)) for p, c, r in batch)}")
+            results = run_group(args.sweep_rows, pargs, workdir, 0, args.sweep_repeats)
+            done[key] = [sweep_record(pt, row, results.get(row), batch, flop_info) for row in args.sweep_rows]
+            records += done[key]
+    peaks.append(matmul_peak(args.threads, args.peak_size))
+    data = {"records": records, "peaks": peaks, "minutes": (time.time() - t_start) / 60, "load_end": os.getloadavg(),
+            "conditions": f"{args.threads} threads, torch {torch.__version__}, model dim {args.dim}, {args.layers} layers, "
+                          f"float32; mem cap {args.mem_cap_gb:.0f} GB, {args.row_time_limit:.0f} s per step",
+            "mem_cap_gb": args.mem_cap_gb}
+    print_sweep(data)
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=1))
+    return plot_scaling(data, args.plot)
+
+
+def print_sweep(data) -> None:
+    recs = data["records"]
+    print(f"\n### Cost as the work grows ({data['conditions']}; {data['minutes']:.0f} min)\n")
+    print("| axis | value | pair tokens | ours CPU s/step | ours wall s/step | ours memory | TRL CPU s/step | "
+          "TRL wall s/step | TRL memory | TRL / ours, CPU time | TRL / ours, memory |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (axis, value), group in itertools.groupby(recs, key=lambda r: (r["axis"], r["value"])):
+        g = {r["row"]: r for r in group}
+        ours, trl = g.get("ours"), g.get("trl")
+        cell = lambda r: ("not run", "", "") if r is None else (r["failed"], "", "") if "failed" in r else \
+            (f"{r['cpu_s']:,.1f}", f"{r['wall_s']:,.1f}", f"{r['memory_mb']:,.0f} MB")
+        both = ours and trl and "failed" not in ours and "failed" not in trl
+        first = next(iter(g.values()))
+        print(f"| {axis} | {value:,} | {first['pair_tokens']:,} | " + " | ".join(cell(ours)) + " | " + " | ".join(cell(trl))
+              + (f" | {trl['cpu_s'] / ours['cpu_s']:.1f}x | {trl['memory_mb'] / ours['memory_mb']:.1f}x |" if both else " | - | - |"))
+    losses = [abs(g["first_loss"] - o["first_loss"]) for g in recs for o in recs
+              if g["row"] == "trl" and o["row"] == "ours" and (g["axis"], g["value"]) == (o["axis"], o["value"])
+              and "first_loss" in g and "first_loss" in o]
+    if losses:
+        print(f"\nfirst-step losses, ours vs TRL: largest |difference| {max(losses):.1e} over {len(losses)} points")
+
+
+def plot_scaling(data, path) -> int:
+    """benchmarks/scaling.png: step memory and CPU time against the tokens of a step, ours and TRL, and the two
+    vocabularies side by side: our memory follows the tokens, TRL's follows tokens x vocabulary."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.style.use(REPO / "plots.mplstyle")
+    recs = data["records"]
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    style = {"ours": ("C0", "ours (shared prompt, chunked lm_head)"), "trl": ("C1", "TRL ORPOTrainer"),
+             "ours-unshared": ("C2", "ours (unshared)")}
+    markers = {"pairs": "o", "length": "s"}
+    cap = data.get("mem_cap_gb", 14) * 1024
+    for row, (color, label) in style.items():
+        for axis, m in markers.items():
+            pts = sorted((r for r in recs if r["row"] == row and r["axis"] == axis), key=lambda r: r["pair_tokens"])
+            okp = [r for r in pts if "failed" not in r]
+            if not pts:
+                continue
+            lab = f"{label.split(' (')[0]}, {'pairs per batch' if axis == 'pairs' else 'max length'} varied"
+            axes[0].plot([r["pair_tokens"] for r in okp], [r["memory_mb"] for r in okp], marker=m, color=color,
+                         ls="-" if axis == "pairs" else "--", label=lab)
+            axes[1].plot([r["pair_tokens"] for r in okp], [r["cpu_s"] for r in okp], marker=m, color=color,
+                         ls="-" if axis == "pairs" else "--", label=lab)
+            for r in pts:   # a row stopped at the memory cap: an open triangle on the cap line
+                if "failed" in r:
+                    axes[0].plot(r["pair_tokens"], max(cap, r.get("rss_seen_mb") or 0), marker="^", color=color,
+                                 mfc="none", ms=9)
+    if any("failed" in r for r in recs):
+        axes[0].annotate(f"\u25b3 stopped at the {cap / 1024:g} GB cap", (0.02, 0.97), xycoords="axes fraction",
+                         fontsize=7, va="top", color="0.3")
+    if any(r["axis"] in markers for r in recs):
+        axes[0].axhline(cap, color="0.5", lw=0.8, ls=":")
+    for ax, ylab, title in ((axes[0], "step memory (MB, peak RSS - loaded)", "step memory as the tokens grow"),
+                            (axes[1], "CPU seconds per step", "CPU time as the tokens grow")):
+        if ax.has_data():
+            ax.set(xscale="log", yscale="log")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+                axis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel="tokens per step (prompt counted with each answer)", ylabel=ylab, title=title)
+    axes[0].legend(loc="lower right", fontsize=6.5)
+    vocab = [r for r in recs if r["axis"] == "vocab"]
+    values = sorted({r["value"] for r in vocab})
+    width = 0.38
+    for j, row in enumerate(r for r in style if any(v["row"] == r for v in vocab)):
+        color, label = style[row]
+        for i, V in enumerate(values):
+            r = next((x for x in vocab if x["row"] == row and x["value"] == V), None)
+            if r is None:
+                continue
+            state = 12 * r["params"] / 2**20                  # gradients + AdamW m and v, float32
+            height = r["memory_mb"] if "failed" not in r else max(cap, r.get("rss_seen_mb") or 0)
+            x = i + (j - 0.5) * width
+            axes[2].bar(x, height, width, color=color, alpha=0.85 if "failed" not in r else 0.3,
+                        label=label if i == 0 else None)
+            axes[2].bar(x, min(state, height), width, color="none", edgecolor="k", hatch="//", lw=0,
+                        label="of which gradients + AdamW state" if i == 0 and j == 0 else None)
+            axes[2].annotate("stopped at the cap" if "failed" in r else f"{height:,.0f}", (x, height), ha="center",
+                             fontsize=7, xytext=(0, 2), textcoords="offset points")
+    axes[2].set(xticks=range(len(values)), xticklabels=[f"vocab {v:,}" for v in values], ylabel="step memory (MB)",
+                title="vocabulary: same trunk, same 8 pairs")
+    axes[2].legend(loc="upper left", fontsize=6.5)
+    fig.suptitle(f"One ORPO optimizer step on the CPU: {data['conditions']}", fontsize=8)
+    fig.savefig(path)
+    print(f"wrote {path}")
+    return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return run_worker(args)
+    if args.plot_from:
+        return plot_scaling(json.loads(Path(args.plot_from).read_text()), args.plot)
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
     print(f"load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} ({os.cpu_count()} CPUs); "
           f"torch {torch.__version__}, {args.threads} threads per row")
-    pairs, source = load_pairs(args.max_length, args.seed)
+    peaks = [matmul_peak(args.threads, args.peak_size)]
+    print(f"float32 matmul peak ({args.peak_size}^3, best of 5, {args.threads} threads): "
+          f"{peaks[0]['flops_per_s'] / 1e9:.1f} GFLOP/s wall, {peaks[0]['flops_per_cpu_s'] / 1e9:.1f} GFLOP per CPU s")
+    if args.sweep:
+        return run_sweep(args, peaks)
+    if args.long_pairs:
+        pairs, source = load_long_pairs(args.max_length, args.seed, args.synthetic_data, args.vocab)
+        pairs = longest(pairs, args.pairs * args.batches)
+    else:
+        pairs, source = load_pairs(args.max_length, args.seed, args.synthetic_data, args.vocab)
     sh, un, ratio, prompt_share = tokens_per_pair(pairs)
     print(f"tokens per pair (all {len(pairs)} pairs): {un:.1f} unshared (prompt+chosen + prompt+rejected), "
           f"{sh:.1f} shared (prompt once): {ratio:.3f}x fewer; prompts are {100 * prompt_share:.0f}% of unshared tokens")
@@ -534,7 +1038,9 @@ def main(argv=None):
     results = {}
     with tempfile.TemporaryDirectory(prefix="orpo-bench-") as workdir:
         ckpt = Path(workdir) / "ckpt"
-        write_checkpoint(args, ckpt)
+        flop_info = write_checkpoint(args, ckpt)
+        if args.profile:
+            return profile_ours(args, ckpt, batches, flop_info, peaks[0])
         torch.save({"batches": batches, "ckpt": str(ckpt), "workdir": workdir}, Path(workdir) / "setup.pt")
         print(f"model: llama dim {args.dim}, {args.layers} layers, {args.heads} heads, ffn {args.ffn}, vocab {args.vocab}, "
               f"float32; one safetensors checkpoint loaded by every row")
@@ -550,12 +1056,17 @@ def main(argv=None):
                 results.update(run_group([row], args, workdir, args.warmup, args.repeats))
     setup_info = (f"{args.batches} batches x {args.pairs} pairs of {source}, median of {args.repeats} rounds; "
                   f"model dim {args.dim}, {args.layers} layers, vocab {args.vocab}")
-    print_tables(args, results, pair_tokens, setup_info)
+    peaks.append(matmul_peak(args.threads, args.peak_size))
+    print(f"float32 matmul peak at the end: {peaks[1]['flops_per_s'] / 1e9:.1f} GFLOP/s wall, "
+          f"{peaks[1]['flops_per_cpu_s'] / 1e9:.1f} GFLOP per CPU s")
+    flops = {r: row_flops(r, batches, flop_info) for r in TRAIN_ROWS if ok(results.get(r))}
+    print_tables(args, results, pair_tokens, setup_info, flops, peaks)
     load1 = os.getloadavg()
     print(f"\nload average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "results": results,
-                                               "pair_tokens": pair_tokens, "load_start": load0, "load_end": load1},
+                                               "pair_tokens": pair_tokens, "load_start": load0, "load_end": load1,
+                                               "peaks": peaks, "flops": flops, "flop_info": flop_info},
                                               indent=1))
     return 0
 
