@@ -14,7 +14,7 @@ HH-RLHF-like lengths; pairs are packed until --max-tokens tokens per step.
 Reported:
   tokens/s     tokens computed per second (the shared prompt counted once) and pair tokens/s (prompt counted
                with both answers, as padding-free trainers without prompt sharing would compute them)
-  TFLOP/s, MFU model FLOPs per step / step time / peak: train.step_flops, the count of train.py's MFU,
+  TFLOP/s, MFU model FLOPs per step / step time / peak: model.step_flops, the count of train.py's MFU,
                with the non-embedding parameters (torchtitan's exclude_embedding): 6 x params x tokens plus
                attention, 12 x d_attn x (query, key) pairs allowed by the mask, per layer (QK^T and AV,
                forward and backward). Recomputation (activation checkpointing, the chunked lm_head's
@@ -72,11 +72,11 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# FLOPs: train.py's MFU count, reused (train.step_flops) with the non-embedding parameters (step.matmul_params)
+# FLOPs: train.py's MFU count, reused (model.step_flops) with the non-embedding parameters (step.matmul_params)
 
 def step_flops(config, n_matmul_params: int, batch) -> float:
-    import train
-    return train.step_flops(n_matmul_params, config.n_layers, config.n_heads * config.head_dim, [batch])
+    import model as model_lib
+    return model_lib.step_flops(n_matmul_params, config.n_layers, config.n_heads * config.head_dim, [batch])
 
 
 # -----------------------------------------------------------------------------

@@ -54,10 +54,9 @@ def parse_args(argv=None):
 def environment() -> dict:
     """What this machine offers: the facts every part's "not available here" refers to."""
     import model as model_lib
+    flash, varlen, params = model_lib._varlen_kernels()
     env = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "device": "none",
-           "flash-attn": model_lib._flash_varlen() is not None, "torch varlen": model_lib._torch_varlen() is not None}
-    tv = model_lib._torch_varlen()
-    env["varlen window"] = tv is not None and "window_size" in tv[1]
+           "flash-attn": flash is not None, "torch varlen": varlen is not None, "varlen window": "window_size" in params}
     if env["cuda"]:
         env["device"] = torch.cuda.get_device_name(0)
     return env

@@ -42,7 +42,7 @@ Usage (the defaults take about 5-10 minutes on a 2-core CPU):
 
 The physical limit (issue 16): at the start and at the end of the run the parent measures float32 matmul
 throughput under the same thread count (a --peak-size square matmul, best of 5), by wall time and per CPU
-second. Each training row reports its model FLOP/s, train.step_flops (6 x non-embedding params x tokens +
+second. Each training row reports its model FLOP/s, model.step_flops (6 x non-embedding params x tokens +
 12 x layers x d_attn x the (query, key) pairs the mask allows) of the layout it computes (the shared batch for
 ours, the padding-free unshared batch for the others: padding is not model work), and its fraction of that
 peak. The chunked lm_head's recompute of the logits in backward (2 x V x D per target) is extra work beyond
@@ -203,14 +203,8 @@ def matmul_peak(threads: int, n: int = 3072, repeats: int = 5) -> dict:
 
 
 def matmul_params(model) -> int:
-    """Parameters that take part in matmuls, as torchtitan counts them for MFU (exclude_embedding): all but the
-    input embedding (and OPT's learned positions); a tied embedding is counted once, as the lm_head's matmul."""
-    n = sum(p.numel() for p in model.parameters())           # parameters() yields a tied weight once
-    if not model.config.tie_embeddings:
-        n -= model.tok_embeddings.weight.numel()
-    if model.pos_embeddings is not None:
-        n -= model.pos_embeddings.weight.numel()
-    return n
+    """Parameters that take part in matmuls, as train.py's MFU counts them (model.Transformer.matmul_params)."""
+    return model.matmul_params()
 
 
 def pack(pairs, shared: bool):
@@ -220,10 +214,10 @@ def pack(pairs, shared: bool):
 
 
 def model_flops(flop_info: dict, pairs, shared: bool) -> float:
-    """train.step_flops of one batch in the layout a row computes (train.py's MFU count, reused)."""
-    import train
-    return train.step_flops(flop_info["matmul_params"], flop_info["n_layers"], flop_info["d_attn"],
-                            [pack(pairs, shared)])
+    """model.step_flops of one batch in the layout a row computes (train.py's MFU count, reused)."""
+    import model as model_lib
+    return model_lib.step_flops(flop_info["matmul_params"], flop_info["n_layers"], flop_info["d_attn"],
+                                [pack(pairs, shared)])
 
 
 def recompute_flops(flop_info: dict, pairs, shared: bool) -> float:
@@ -522,10 +516,10 @@ def timed_step(model, optimizer, b, lam, totals):
 
 def phase_flops(flop_info, b) -> dict:
     """Model FLOPs of each phase of one shared batch (the lm_head on its M target rows, as token_logps computes)."""
-    import train
+    import model as model_lib
     lm = flop_info["vocab"] * flop_info["embed_dim"]
     trunk, N, M = flop_info["matmul_params"] - lm, b.num_tokens, b.tgt_index.numel()
-    attn = 4 * flop_info["n_layers"] * flop_info["d_attn"] * train.attention_pairs(b.seg_lens)   # forward
+    attn = 4 * flop_info["n_layers"] * flop_info["d_attn"] * model_lib.attention_pairs(b.seg_lens)   # forward
     return {PHASES[1]: 2 * trunk * N + attn, PHASES[2]: 2 * lm * M, PHASES[4]: 4 * lm * M, PHASES[5]: 4 * trunk * N + 2 * attn}
 
 
@@ -597,7 +591,7 @@ def profile_ours(args, ckpt, batches, flop_info, peak) -> int:
           f"(+{100 * rec * n_steps / total_fl:.0f}% of the model FLOPs)")
     b = packed[0]
     one, per = attention_alternative(model, b)
-    pairs = train.attention_pairs(b.seg_lens)
+    pairs = model_lib.attention_pairs(b.seg_lens)
     print(f"attention, one layer forward + backward on batch 0 ({b.num_tokens} tokens, {len(b.seg_lens)} pairs): one SDPA "
           f"call under the (N, N) mask {1000 * one:,.0f} ms CPU; one call per pair under its own mask {1000 * per:,.0f} ms "
           f"CPU. The mask allows {pairs:,.0f} of the N^2 = {b.num_tokens ** 2:,} (query, key) pairs "
@@ -760,7 +754,7 @@ def print_flops_table(train: dict, flops: dict, peaks: list, threads: int) -> No
         extra = f"{recompute / n / 1e9:,.1f} GFLOP (+{100 * recompute / model:.0f}%)" if recompute else "-"
         print(f"| {r} | {model / n / 1e9:,.1f} | {wall / 1e9:,.1f} | {100 * wall / peak_wall:.0f}% | "
               f"{cpu / 1e9:,.1f} | {100 * cpu / peak_cpu:.0f}% | {extra} |")
-    print("\nmodel FLOPs: train.step_flops (6 x non-embedding params x tokens + attention pairs the mask allows) of the "
+    print("\nmodel FLOPs: model.step_flops (6 x non-embedding params x tokens + attention pairs the mask allows) of the "
           "layout each row computes (shared batch for ours; padding-free unshared batch for the others)")
 
 

@@ -42,7 +42,7 @@ def test_model_flops_are_train_step_flops_and_the_recompute_is_apart(tmp_path):
     batch = pairs[:3]
     for shared in (True, False):
         packed = step.pack(batch, shared)
-        expected = train.step_flops(info["matmul_params"], 1, 32, [packed])
+        expected = M.step_flops(info["matmul_params"], 1, 32, [packed])
         assert step.model_flops(info, batch, shared) == expected
         import gpu
         assert gpu.step_flops(M.load_config(tmp_path / "ckpt"), info["matmul_params"], packed) == expected
