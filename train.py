@@ -44,7 +44,8 @@ from dist import print0
 TINY_LR = 1e-3            # lr for the tiny from-scratch preset; the paper's 5e-6 is for fine-tuning 7B models
 PAPER_LR = 5e-6           # official Mistral-ORPO scripts
 MAX_BAD_STEPS = 5         # consecutive NaN/inf steps (each skipped) before the run stops
-UF, UF_SPLITS = "HuggingFaceH4/ultrafeedback_binarized", ("train_prefs", "test_prefs")   # the paper's (Mistral-ORPO-α)
+UF = "HuggingFaceH4/ultrafeedback_binarized"    # the paper's data (Mistral-ORPO-α), its train and test splits:
+UF_SPLITS = ("train_prefs", "test_prefs")
 PAPER_LAM = {"mistral-7b": 0.1, "llama2-7b": 0.2, "phi-2": 0.25}   # the paper's lambdas; the official scripts': 0.1
 MODULES = ("torch", "safetensors", "tokenizers", "huggingface_hub")   # whose versions run.json records
 BETAS = (0.9, 0.999)      # AdamW's (see build_optimizer)
@@ -70,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 description="ORPO: SFT + lam * odds-ratio penalty, one stage, no reference model.")
     add = p.add_argument
     add("--model", default="tiny", help="a model.py preset (tiny, mistral-7b, ...), a local HF dir or a Hub id")
-    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto = bfloat16 on CUDA, else float32")
+    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bfloat16 on CUDA, else float32")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     add("--attention", default="auto", choices=model_lib.KERNELS, help="auto = flash, else varlen, else sdpa (CPU)")
     add("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
@@ -80,9 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--eval-split", help=f"split of --eval-data, else of --data ({UF_SPLITS[1]} for {UF})")
     add("--eval-fraction", type=float, default=0.05, help="else hold out this fraction of the training pairs")
     add("--tokenizer", help="tokenizer dir; None: the model's (synthetic for tiny)")
-    add("--template", default="auto", help="auto (HH-RLHF raw, else the tokenizer's or Zephyr's) | zephyr | raw | .jinja")
+    add("--template", default="auto", help="auto (HH-RLHF raw, else the tokenizer's or Zephyr) | zephyr | raw | .jinja")
     add("--columns", help="the data's column names, e.g. prompt=q,chosen=good,rejected=bad or conversations=turns")
-    add("--max-length", type=int, default=2048, help="max prompt + response tokens (paper: 2048 UltraFeedback, 1024 HH)")
+    add("--max-length", type=int, default=2048, help="max prompt + answer tokens (paper: 2048 UltraFeedback, 1024 HH)")
     add("--max-prompt-length", type=int, help="longer prompts are dropped; None: min(1024 (paper), --max-length)")
     add("--prompt-loss", action=argparse.BooleanOptionalAction, default=True, help="prompt tokens in L_SFT (as TRL)")
     add("--shared-prompt", action=argparse.BooleanOptionalAction, default=True, help="pack [prompt|chosen|rejected]")
@@ -95,7 +96,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max-tokens", type=int, help="instead of --batch-size: tokens per micro-batch per rank (length-grouped)")
     add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     add("--warmup-steps", type=int, help="linear warmup steps; 200 for a checkpoint (official scripts)")
-    add("--warmup-ratio", type=float, help="instead of --warmup-steps: fraction of total steps, rounded up")
     add("--schedule", default="cosine", choices=["cosine", "inverse_sqrt", "constant"], help="cosine to 0: paper")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official scripts: 0)")
     add("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 disables clipping")
@@ -121,8 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_prompt_length is None:
         args.max_prompt_length = min(1024, args.max_length)
-    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:   # optional: said before any work
-        p.exit(2, f"error: --report-to {args.report_to}: {args.report_to} is not installed (pip install {args.report_to})\n")
+    sink = args.report_to     # optional packages: a missing one is said before any work
+    if sink != "none" and importlib.util.find_spec(sink) is None:
+        p.exit(2, f"error: --report-to {sink}: {sink} is not installed (pip install {sink})\n")
     if args.data == UF:   # its splits, as the paper: train_prefs, evaluated on test_prefs
         args.split = args.split or UF_SPLITS[0]
         args.eval_split = args.eval_split or (UF_SPLITS[1] if args.eval_data is None else None)
@@ -143,7 +144,6 @@ def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, 
               "--grad-clip": (args.grad_clip, 0 <= args.grad_clip < math.inf, "a number >= 0 (0 = no clipping)"),
               "--weight-decay": (args.weight_decay, 0 <= args.weight_decay < math.inf, "a number >= 0"),
               "--eval-fraction": (args.eval_fraction, 0 <= args.eval_fraction < 1, "in [0, 1): a share of the pairs"),
-              "--warmup-ratio": (args.warmup_ratio, 0 <= (args.warmup_ratio or 0) <= 1, "in [0, 1]"),
               # numpy's legacy seeding (and so many a library) takes 32 bits
               "--seed": (args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2**32 - 1]"),
               "--comm-timeout": (args.comm_timeout, 0 < args.comm_timeout < math.inf, "a positive number of seconds")}
@@ -153,7 +153,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, 
     if args.split is not None and args.data is None:
         raise UserError(f"--split {args.split} needs --data (the synthetic default has no splits)")
     if args.eval_split is not None and args.data is None and args.eval_data is None:
-        raise UserError(f"--eval-split {args.eval_split} needs --data or --eval-data (the synthetic default has no splits)")
+        raise UserError(f"--eval-split {args.eval_split} needs --data or --eval-data (synthetic pairs have no splits)")
     if args.max_tokens is None and args.batch_size % (world_size * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of "
                         f"world size {world_size} x --grad-accum {args.grad_accum}")
@@ -232,8 +232,10 @@ def build_model(args, config, ckpt_dir, device, compute_dtype):
     return model
 
 
-def load_data(args, tok, ckpt_dir, rank: int, resumed: bool):
-    """Train and eval pairs (data.train_and_eval_pairs); then, at a fresh start, OUT/run.json."""
+def load_data(args, tok, config, ckpt_dir, rank: int, world_size: int, resumed: bool):
+    """The pairs (data.train_and_eval_pairs), OUT/run.json at a fresh start, then the batchers -> (train batcher, eval
+    batcher or None, optimizer steps per epoch). --batch-size is global: each step is the same pairs in the same
+    order however it is split into ranks x --grad-accum micro-batches (data.PairBatcher)."""
     train, evals, origin = data.train_and_eval_pairs(
         args.data or "synthetic", args.split, args.eval_data or (None if args.data else "synthetic"), args.eval_split,
         args.eval_fraction, args.seed, tok, Path(args.out) / "data", synthetic_pairs=args.synthetic_pairs,
@@ -241,38 +243,45 @@ def load_data(args, tok, ckpt_dir, rank: int, resumed: bool):
         max_prompt_length=args.max_prompt_length, template=args.template, columns=data.parse_columns(args.columns))
     # the exports carry the template the pairs were rendered with (None: raw text), not just the tokenizer's own
     tok.chat_template = origin["chat_template"]
-    run_json, gen = Path(args.out) / "run.json", Path(ckpt_dir or "") / "generation_config.json"
-    if rank == 0 and not (resumed and run_json.exists()):   # what eval_rm.py (`demo --root OUT`) and the exports read
-        files = dict.fromkeys(f for src, split in ((origin["data"], args.split), (origin["eval_data"], args.eval_split))
-                              if src for f in data.resolve_files(src, split))
-        run = {**{k: vars(args)[k] for k in ("model", "seed", "template", "max_length", "max_prompt_length")},
-               "tokenizer": args.tokenizer or ("synthetic" if ckpt_dir is None else None),   # null: --model's own
-               "train_data": origin["data"], "train_split": args.split, "eval_split": args.eval_split,
-               "eval_data": origin["eval_data"],   # null: held out of the training pairs (or there are none)
-               "args": vars(args), "command": shlex.join(sys.argv), "data_files": [{"path": str(f), "size": f.stat().st_size,
-                   "sha256": hashlib.file_digest(f.open("rb"), "sha256").hexdigest()} for f in files],
-               "versions": {"python": sys.version.split()[0], **{m: __import__(m).__version__ for m in MODULES},
-                            "git_commit": shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"],  # or None
-                                cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip() or None},
-               "generation_config": json.loads(gen.read_text()) if ckpt_dir and gen.is_file() else  # the base's, else
-               {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}}   # what generate() needs
-        run_json.write_text(json.dumps(run, indent=1) + "\n")
-    return train, evals
-
-
-def make_batchers(args, train_pairs, eval_pairs, rank: int, world_size: int):
-    """(train batcher, eval batcher or None, optimizer steps per epoch). --batch-size is global: each step is the same
-    pairs in the same order however it is split into ranks x --grad-accum micro-batches (data.PairBatcher)."""
+    run_json = Path(args.out) / "run.json"
+    if rank == 0 and not (resumed and run_json.exists()):
+        run_json.write_text(json.dumps(run_record(args, origin, tok, ckpt_dir), indent=1) + "\n")
+    long = sum(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) > config.max_seq_len
+               for p in itertools.chain(train, evals))
+    if long and config.positions == "rope":   # (past learned positions, check_model refuses the run)
+        print0(f"warning: {long} of {len(train) + len(evals)} pairs are longer than the {config.max_seq_len} positions"
+               f" (max_position_embeddings) of --model {args.model}; --max-length {config.max_seq_len} cuts them")
     size = (dict(batch_size=args.batch_size // (world_size * args.grad_accum)) if args.max_tokens is None
             else dict(max_tokens=args.max_tokens))
     kw = dict(seed=args.seed, rank=rank, world_size=world_size, shared_prompt=args.shared_prompt,
               prompt_loss=args.prompt_loss, **size)
-    batcher = data.PairBatcher(train_pairs, grad_accum=args.grad_accum, **kw)
+    batcher = data.PairBatcher(train, grad_accum=args.grad_accum, **kw)
     info = batcher.epoch_info(0)
-    if info["pairs_dropped"]:   # a different remainder each epoch
-        print0(f"train: {info['pairs_dropped']} pairs per epoch left out so that every rank gets the same micro-batches")
-    eval_batcher = data.PairBatcher(eval_pairs, drop_remainder=False, **kw) if len(eval_pairs) else None   # all count
+    if dropped := info["pairs_dropped"]:   # a different remainder each epoch
+        print0(f"train: {dropped} pairs per epoch left out so that every rank gets the same micro-batches")
+    eval_batcher = data.PairBatcher(evals, drop_remainder=False, **kw) if len(evals) else None   # all pairs count
     return batcher, eval_batcher, info["batches_per_rank"] // args.grad_accum
+
+
+def run_record(args, origin: dict, tok, ckpt_dir) -> dict:
+    """OUT/run.json: what eval_rm.py (`demo --root OUT`) and the exports read, and what reproduces the run."""
+    sources = [(origin["data"], args.split), (origin["eval_data"], args.eval_split)]
+    files = dict.fromkeys(f for src, split in sources if src for f in data.resolve_files(src, split))
+    git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                                 capture_output=True, text=True).stdout.strip()
+    gen = Path(ckpt_dir or "") / "generation_config.json"   # the base's, else what generate() needs
+    return {**{k: vars(args)[k] for k in ("model", "seed", "template", "max_length", "max_prompt_length")},
+            "tokenizer": args.tokenizer or ("synthetic" if ckpt_dir is None else None),   # null: --model's own
+            "train_data": origin["data"], "train_split": args.split,
+            "eval_data": origin["eval_data"], "eval_split": args.eval_split,   # null: held out of the train pairs
+            "args": vars(args),
+            "command": shlex.join(sys.argv),
+            "data_files": [{"path": str(f), "size": f.stat().st_size,
+                            "sha256": hashlib.file_digest(f.open("rb"), "sha256").hexdigest()} for f in files],
+            "versions": {"python": sys.version.split()[0], **{m: __import__(m).__version__ for m in MODULES},
+                         "git_commit": git or None},
+            "generation_config": json.loads(gen.read_text()) if ckpt_dir and gen.is_file() else
+                                 {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}}
 
 
 # -----------------------------------------------------------------------------
@@ -339,52 +348,35 @@ def build_optimizer(model, lr: float, weight_decay: float, device):
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=1e-8, fused=device.type == "cuda")
 
 
-def warn_of(args, config, warmup: int, total: int, *pair_sets) -> None:
-    """A warmup as long as the run; pairs past a RoPE model's positions (past learned ones check_model refuses)."""
-    if warmup >= total:
-        print0(f"warning: {total} steps with warmup {warmup}: the lr never reaches its peak (max "
-               f"{args.lr * dist.lr_lambda(args.schedule, warmup, total)(total - 1):.1e} of {args.lr:.1e})")
-    long = sum(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) > config.max_seq_len
-               for p in itertools.chain(*pair_sets))
-    if long and config.positions == "rope":
-        print0(f"warning: {long} of {sum(map(len, pair_sets))} pairs are longer than the {config.max_seq_len} "
-               f"positions (max_position_embeddings) of --model {args.model}; --max-length {config.max_seq_len} cuts them")
-
-
-def warmup_steps(args, total_steps: int) -> int:
-    """--warmup-steps, or --warmup-ratio of the total rounded up (as transformers): a short run still warms up."""
-    return args.warmup_steps if args.warmup_ratio is None else math.ceil(args.warmup_ratio * total_steps)
-
-
 # -----------------------------------------------------------------------------
 # logging and curves
 
 def metrics_logger(args, first_step: int):
     """Rank 0's logger: appends a record to OUT/metrics.jsonl and, with --report-to, logs its numbers under the same
     names to W&B or TensorBoard (OUT/tensorboard/; a resumed run purges what came after its checkpoint)."""
-    path, sinks = Path(args.out) / "metrics.jsonl", []
+    sink = None
     if args.report_to == "wandb":
         import wandb
-        sinks.append(wandb.init(project="orpo", dir=args.out, config=vars(args)).log)
+        sink = wandb.init(project="orpo", dir=args.out, config=vars(args)).log
     elif args.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
         tb = SummaryWriter(str(Path(args.out) / "tensorboard"), purge_step=first_step)
 
-        def to_tensorboard(values, step):
+        def sink(values, step):
             for k, v in values.items():
                 tb.add_scalar(k, v, step)
             tb.flush()                  # a run that stops early keeps what it logged
-        sinks.append(to_tensorboard)
 
     def log(rec):
-        with open(path, "a") as f:
+        with open(Path(args.out) / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        for sink in sinks:              # the numbers: not the flags (eval, best, skipped), not None
+        if sink:                        # the numbers: not the flags (eval, best, skipped), not None
             sink({k: v for k, v in rec.items() if type(v) in (int, float) and k != "step"}, step=rec["step"])
     return log
 
 
-CURVES = {"logps": "mean log P(y|x) per token (eq. 3)", "log_odds": "log odds ratio (eq. 5)", "nll": "L_SFT (NLL)", "or_loss": "L_OR (eq. 7)"}
+CURVES = {"logps": "mean log P(y|x) per token (eq. 3)", "log_odds": "log odds ratio (eq. 5)",
+          "nll": "L_SFT (NLL)", "or_loss": "L_OR (eq. 7)"}
 
 
 def plot_curves(runs, png_path, panels=tuple(CURVES), title=None) -> None:
@@ -392,16 +384,18 @@ def plot_curves(runs, png_path, panels=tuple(CURVES), title=None) -> None:
     rejected log-probs (a panel per run), then log odds, NLL and L_OR (runs overlaid); lines: train batches
     (smoothed), dots: held-out. x = updates before the forward: s - 1 for train step s, s for an eval at s."""
     from matplotlib import figure, style        # no pyplot: no GUI backend, no global figure state
-    runs = runs if isinstance(runs, dict) else {"": [json.loads(l) for l in Path(runs).read_text().splitlines() if l]}
+    if not isinstance(runs, dict):
+        runs = {"": [json.loads(l) for l in Path(runs).read_text().splitlines() if l]}
     style.use(Path(__file__).with_name("plots.mplstyle"))
-    cells = [(p, n) for p in panels for n in (runs if p == "logps" else [None])]
+    cells = [(p, n) for p in panels for n in (runs if p == "logps" else [None])]   # (panel, its one run or None)
     fig = figure.Figure(figsize=(max(6.4, 3.6 * len(cells)), 3.6), layout="constrained")
     for ax, (panel, only) in zip(fig.subplots(1, len(cells), squeeze=False)[0], cells):
         for i, (name, recs) in enumerate((n, r) for n, r in runs.items() if only in (None, n)):
+            lines = ([("chosen_logps", "C0", "chosen "), ("rejected_logps", "C1", "rejected ")] if panel == "logps"
+                     else [(panel, f"C{i}", name and name + " ")])
             train, evals = [r for r in recs if not r.get("eval")], [r for r in recs if r.get("eval")]
             k = max(1, len(train) // 30)        # a moving average over k steps: single batches are noisy
-            for key, color, label in ([("chosen_logps", "C0", "chosen "), ("rejected_logps", "C1", "rejected ")]
-                                      if panel == "logps" else [(panel, f"C{i}", name and name + " ")]):
+            for key, color, label in lines:
                 y = [sum(r[key] for r in train[j - k + 1:j + 1]) / k for j in range(k - 1, len(train))]
                 ax.plot([r["step"] - 1 for r in train][k - 1:], y, color=color, label=f"{label}train")
                 ax.plot([r["step"] for r in evals], [r[f"eval_{key}"] for r in evals], "o--", color=color,
@@ -435,27 +429,28 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         if holder := dist.lock_out_dir(self.out, self.device):   # one run per --out (two would interleave their files)
             raise UserError(f"--out {self.out} is in use by {holder}; wait for it or choose another --out")
-        train_pairs, eval_pairs = load_data(args, self.tok, ckpt_dir, self.rank, resumed=ckpt is not None)
-        self.batcher, self.eval_batcher, steps_per_epoch = make_batchers(args, train_pairs, eval_pairs, self.rank,
-                                                                         self.world_size)
+        self.batcher, self.eval_batcher, steps_per_epoch = load_data(args, self.tok, self.config, ckpt_dir, self.rank,
+                                                                     self.world_size, resumed=ckpt is not None)
         if saved is not None:   # data.py refuses a position saved under other batching settings or other data
             try:
                 self.batcher.load_state_dict(saved["batcher"])
             except ValueError as e:
                 raise UserError(f"{ckpt}: {e}") from None
         self.total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
-        warmup = warmup_steps(args, self.total_steps)
         self.settings = {"--lr": args.lr, "--weight-decay": args.weight_decay, "AdamW betas": BETAS, "--lam": args.lam,
                          "--grad-clip": args.grad_clip, "--schedule": args.schedule, "--prompt-loss": args.prompt_loss,
                          "--shared-prompt": args.shared_prompt, "--dtype": str(compute_dtype).removeprefix("torch."),
-                         "--model": dataclasses.asdict(self.config), "--warmup-steps/--warmup-ratio": warmup,
+                         "--model": dataclasses.asdict(self.config), "--warmup-steps": args.warmup_steps,
                          "--max-steps/--epochs": self.total_steps}
         check_settings(args, saved, self.settings)     # before the weights are read
-        warn_of(args, self.config, warmup, self.total_steps, train_pairs, eval_pairs)
+        schedule = dist.lr_lambda(args.schedule, args.warmup_steps, self.total_steps)
+        if args.warmup_steps >= self.total_steps:
+            peak = args.lr * schedule(self.total_steps - 1)
+            print0(f"warning: {self.total_steps} steps with warmup {args.warmup_steps}: the lr never reaches its "
+                   f"peak (max {peak:.1e} of {args.lr:.1e})")
         self.model = build_model(args, self.config, ckpt_dir, self.device, compute_dtype)
         self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay, self.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           dist.lr_lambda(args.schedule, warmup, self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         # one process on a GPU: bf16 compute comes from autocast (under FSDP, FSDP casts the params itself)
         use_autocast = compute_dtype != torch.float32 and self.world_size == 1
         self.autocast = torch.autocast(self.device.type, dtype=compute_dtype) if use_autocast else nullcontext()
@@ -466,7 +461,7 @@ class Trainer:
         self.peak_flops = next((v for k, v in model_lib.PEAK_FLOPS.items() if k in gpu), None)   # unknown: None
         print0(f"model {args.model}: {self.n_params / 1e6:.2f}M params ({self.n_matmul / 1e6:.2f}M in matmuls: MFU's "
                f"6N, as torchtitan), {self.config.n_layers} layers | device {self.device} x {self.world_size} | dtype "
-               f"{compute_dtype} | lam {args.lam} | lr {args.lr} {args.schedule}, warmup {warmup} | "
+               f"{compute_dtype} | lam {args.lam} | lr {args.lr} {args.schedule}, warmup {args.warmup_steps} | "
                f"batch {args.batch_size if args.max_tokens is None else f'{args.max_tokens} tokens/micro'} x accum "
                f"{args.grad_accum} | {self.total_steps} steps ({steps_per_epoch}/epoch)")
         self.log = metrics_logger(args, first_step=saved['step'] + 1 if saved else 0) if self.rank == 0 else None
@@ -478,8 +473,8 @@ class Trainer:
         # tells this run's checkpoints from others' (dist.save_checkpoint prunes only its own); rank 0's is written
         self.run_id = uuid.uuid4().hex[:12]
         if ckpt is None:
-            if self.rank == 0 and self.metrics_path.exists():
-                self.metrics_path.unlink()   # of a run killed before its first checkpoint
+            if self.rank == 0:
+                self.metrics_path.unlink(missing_ok=True)   # of a run killed before its first checkpoint
             return
         saved = dist.load_checkpoint(ckpt, self.model, self.optimizer)
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -525,9 +520,9 @@ class Trainer:
                 records["last"] = self.log_step(m, micro, dt)
                 records["first"] = records["first"] or records["last"]
             if self.bad_steps >= MAX_BAD_STEPS:
-                raise TrainingDiverged(f"{self.bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping at "
-                                       f"step {self.step} (last good checkpoint: {self.out / 'ckpt'}/latest); try a "
-                                       f"lower --lr or --dtype float32")
+                raise TrainingDiverged(f"{self.bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping "
+                                       f"at step {self.step} (last good checkpoint: {self.out / 'ckpt'}/latest); try "
+                                       f"a lower --lr or --dtype float32")
             if self.step < self.total_steps:           # the last step is evaluated and saved by finish()
                 if signum := int(dist.all_reduce_max(stop[0] if stop else 0, self.device)):   # all ranks, one step
                     saved, argv = self.save(), self.argv + ([] if "--resume" in self.argv else ["--resume"])
@@ -601,26 +596,25 @@ class Trainer:
     def finish(self, records: dict, complete=False) -> int:
         """Final eval, checkpoint, export (never of NaN/inf weights), curves.png and a summary of what was written.
         Of a run resumed complete: only a missing export (a kill while exporting). -> exit status"""
-        args, out, first, last, e0 = self.args, self.out, records["first"], records["last"], records["eval0"]
+        args, out = self.args, self.out
         e1 = None if complete else self.run_eval()
         finite = complete or self.save()
         missing = finite and not args.no_export and not (complete and (out / "final" / "config.json").is_file())
         if missing:
             self.export(out / "final", e1)
-        if self.rank == 0 and not complete:
-            plot_curves(self.metrics_path, out / "curves.png", title=f"ORPO, lam {args.lam}: {out.resolve().name}")
         if complete:
             print0(f"the run in {out} is already complete: its checkpoint is at step {self.step}, this run has "
                    f"{self.total_steps} steps" + ("; wrote its missing export final/" if missing else ""))
-        for name, a, b in ((f"done at step {self.step} after {time.time() - self.t_start:.0f}s | train", first, last),
-                           ("eval (held-out pairs):", e0, e1)):
+        elif self.rank == 0:
+            plot_curves(self.metrics_path, out / "curves.png", title=f"ORPO, lam {args.lam}: {out.resolve().name}")
+        done = f"done at step {self.step} after {time.time() - self.t_start:.0f}s | train"
+        for name, a, b in ((done, records["first"], records["last"]), ("eval (held-out pairs):", records["eval0"], e1)):
             if a and b:
                 print0(name, " | ".join(f"{k} {a[k]:.3f} -> {b[k]:.3f}" for k in ("nll", "log_odds", "reward_acc")))
         outputs = {"final/config.json": "final/ and best/ (Hub-ready: weights, tokenizer, README.md card)",
-                   "ckpt/latest": "ckpt/ (--resume)"}
-        written = "".join(f"{what}, " for f, what in outputs.items() if (out / f).is_file())
-        print0(f"outputs in {out}/: {written}run.json, curves.png, metrics.jsonl"
-               + (", data/ (synthetic pairs)" if args.data is None else ""))
+                   "ckpt/latest": "ckpt/ (--resume)", "run.json": "run.json", "curves.png": "curves.png",
+                   "metrics.jsonl": "metrics.jsonl", "data": "data/ (synthetic pairs)"}
+        print0(f"outputs in {out}/: " + ", ".join(what for f, what in outputs.items() if (out / f).exists()))
         if not finite:
             raise TrainingDiverged(f"the weights hold NaN/inf at step {self.step}: {out / 'final'} not written; try "
                                    f"a lower --lr or --dtype float32")
@@ -630,29 +624,39 @@ class Trainer:
         return 0
 
     def export(self, out_dir: Path, metrics: dict | None) -> None:
-        """OUT/final or OUT/best as a Hub repo: weights, tokenizer, and from run.json generation config and model card."""
-        run = json.loads((self.out / "run.json").read_text()) if self.rank == 0 else {}
-        dist.export_hf(self.model, self.config, self.tok, out_dir, files=run and {"README.md": model_card(
-            run, self.step, metrics), "generation_config.json": json.dumps(run.get("generation_config", {}), indent=2)})
+        """OUT/final or OUT/best as a Hub repo: weights, tokenizer, generation config and model card (of run.json)."""
+        run = json.loads((self.out / "run.json").read_text()) if self.rank == 0 else None   # rank 0 writes files
+        files = run and {"README.md": model_card(run, self.step, metrics),
+                         "generation_config.json": json.dumps(run.get("generation_config", {}), indent=2)}
+        dist.export_hf(self.model, self.config, self.tok, out_dir, files=files)
 
 
 def model_card(run: dict, step: int, metrics: dict | None) -> str:
-    """README.md of an export: the Hub's front matter, the base, data, lambda, held-out metrics, the command and the
-    run's settings. Uploaded as it is: an absolute local path shows as its file name, but in a local base's line."""
-    a, hub = run["args"], lambda v: isinstance(v, str) and bool(data.HUB_ID.fullmatch(v)) and not Path(v).exists()
-    base, src = model_lib.PRESETS.get(a["model"], a["model"]), lambda d, split: f"`{d}`" + f" [{split}]" * bool(split)
-    datasets = [f"- {d}" for d in dict.fromkeys((run["train_data"], run["eval_data"])) if hub(d)]
-    card = "\n".join([
-        "---", *[f"base_model: {base}"] * hub(base), *["datasets:"] * bool(datasets), *datasets,
-        "library_name: transformers", "tags:", "- orpo", "---", "", f"# {Path(a['out']).resolve().name}", "",
-        f"Base model: <base>. Fine-tuned with ORPO (Hong, Lee & Thorne, 2024, [arXiv 2403.07691](https://arxiv.org/abs/"
-        f"2403.07691)), lam {a['lam']}, on {src(run['train_data'], run['train_split'])}, by train.py of *ORPO, from scratch*"
-        f". Held-out: {src(run['eval_data'], run['eval_split']) if run['eval_data'] else 'pairs of the training data'}.",
-        "", f"| step {step} | |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in (metrics or {}).items()), "",
-        f"Made with `{run.get('command')}`; its settings (OUT/run.json):", "", "```json", json.dumps(run, indent=1), "```", ""])
-    card = re.sub(r"(?<![\w.:/~-])/[^\s'\"`,]+", lambda m: Path(m[0]).name, card)   # absolute local paths -> names
-    return card.replace("<base>", f"[{base}](https://huggingface.co/{base})" if hub(base) else f"trained from {a['model']}"
-                        if Path(a["model"]).is_dir() else f"the `{a['model']}` preset, random init (seed {a['seed']})", 1)
+    """README.md of an export: the Hub's front matter, the base, the held-out metrics, and run.json for the rest
+    (data, lambda, command, versions). It is uploaded as it is: absolute local paths show as their file names,
+    except on the line that names a local base."""
+    a = run["args"]
+    on_hub = lambda v: isinstance(v, str) and bool(data.HUB_ID.fullmatch(v)) and not Path(v).exists()
+    base = model_lib.PRESETS.get(a["model"], a["model"])
+    datasets = [f"- {d}" for d in dict.fromkeys((run["train_data"], run["eval_data"])) if on_hub(d)]
+    if on_hub(base):
+        origin = f"[{base}](https://huggingface.co/{base})"
+    elif Path(a["model"]).is_dir():
+        origin = f"trained from {a['model']}"
+    else:
+        origin = f"the `{a['model']}` preset, random init (seed {a['seed']})"
+    meta = [f"base_model: {base}"] * on_hub(base) + ["datasets:"] * bool(datasets) + datasets
+    head = ["---", *meta, "library_name: transformers", "tags:", "- orpo", "---", "",
+            f"# {Path(a['out']).resolve().name}", "", f"Base model: {origin}."]
+    source = lambda d, split: f"`{d}`" + (f" [{split}]" if split else "")
+    train = source(run["train_data"], run["train_split"])
+    held_out = source(run["eval_data"], run["eval_split"]) if run["eval_data"] else "pairs of the training data"
+    body = [f"Fine-tuned with ORPO (Hong, Lee & Thorne, 2024, [arXiv 2403.07691](https://arxiv.org/abs/2403.07691)), "
+            f"lam {a['lam']}, on {train}, by train.py of *ORPO, from scratch*. Held-out: {held_out}.", "",
+            f"| step {step} | |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in (metrics or {}).items()), "",
+            f"Made with `{run['command']}`; its OUT/run.json:", "", "```json", json.dumps(run, indent=1), "```", ""]
+    body = re.sub(r"(?<![\w.:/~-])/[^\s'\"`,]+", lambda m: Path(m[0]).name, "\n".join(body))   # local paths -> names
+    return "\n".join(head) + "\n" + body
 
 
 def main(argv=None) -> int:

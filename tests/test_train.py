@@ -194,9 +194,6 @@ def test_lr_schedules():
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
     g = dist.lr_lambda("inverse_sqrt", 10, 110)
     assert g(10) == pytest.approx(1.0) and g(40) == pytest.approx(0.5)
-    # --warmup-ratio rounds up (as transformers): a small ratio of a short run still warms up
-    assert train.warmup_steps(train.parse_args(["--warmup-ratio", "0.01"]), 50) == 1
-    assert train.warmup_steps(train.parse_args(["--warmup-steps", "7"]), 50) == 7
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "inverse_sqrt", "constant"])
@@ -369,7 +366,7 @@ def test_bad_input_is_one_clean_line(tmp_path, capsys, monkeypatch, argv, needle
     (["--lr", "0"], "--lr 0.0: must be a positive number"),
     (["--lr", "nan"], "--lr nan"),
     (["--eval-fraction", "1.0"], "--eval-fraction 1.0: must be in [0, 1)"),
-    (["--warmup-ratio", "1.5"], "--warmup-ratio 1.5"),
+    (["--warmup-steps", "-1"], "--warmup-steps -1: must be at least 0"),
     (["--split", "train"], "--split train needs --data"),
     (["--eval-split", "test"], "--eval-split test needs --data or --eval-data"),
     (["--columns", "prompt"], "--columns prompt"),
@@ -395,7 +392,7 @@ def test_out_that_is_a_file_is_one_clean_line(tmp_path, capsys):
 # checkpoints of a finished run: fresh start, resume, pruning
 
 FINISHED_ARGS = ["--data", "synthetic", "--synthetic-pairs", "40", "--batch-size", "4", "--max-steps", "4", "--lr", str(train.TINY_LR),
-                 "--save-every", "1", "--eval-every", "2", "--warmup-ratio", "0.1"]
+                 "--save-every", "1", "--eval-every", "2", "--warmup-steps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +422,7 @@ def test_finished_run_layout(finished_run):
     out, log = finished_run
     assert sorted(p.name for p in (out / "ckpt").glob("step_*")) == ["step_0000003", "step_0000004"]
     assert (out / "ckpt" / "latest").read_text() == "step_0000004"
-    assert "warmup 1 |" in log                         # --warmup-ratio 0.1 of 4 steps, rounded up (and shown)
+    assert "warmup 1 |" in log                         # --warmup-steps, shown
     assert [r["lr"] for r in read_metrics(out)][:2] == [0.0, pytest.approx(train.TINY_LR)]
 
 

@@ -93,7 +93,7 @@ def cosine_run(tmp_path_factory):
     (["--schedule", "constant"], "--schedule constant differs from the checkpoint's cosine"),
     (["--grad-clip", "0.5"], "--grad-clip 0.5 differs from the checkpoint's 1.0"),
     (["--no-prompt-loss"], "--prompt-loss False differs from the checkpoint's True"),
-    (["--warmup-steps", "3"], "--warmup-steps/--warmup-ratio 3 differs from the checkpoint's 10"),
+    (["--warmup-steps", "3"], "--warmup-steps 3 differs from the checkpoint's 10"),
     (["--max-steps", "12"], "--max-steps/--epochs 12 differs from the checkpoint's 6 (cosine decays over the total"),
     ("model", "--model"),
 ])
