@@ -228,6 +228,8 @@ def fit_policy(job):
         records.append({"step": step, **{k: float(v) for k, v in m.items()}, "step_s": time.time() - t1})
         if step % job["eval_every"] == 0 or step == job["steps"]:
             records.append(heldout_record(policy, eval_batcher, step))
+            print(f"  {job['name']} step {step}/{job['steps']}: held-out chosen {records[-1]['eval_chosen_logps']:.3f}"
+                  f" rejected {records[-1]['eval_rejected_logps']:.3f} ({time.time() - t0:.0f}s)", flush=True)
     finish(policy, tok, out, records)
     return {"name": job["name"], "wall_s": time.time() - t0}
 
@@ -304,7 +306,7 @@ def embed_answers(rm, answers, bos_id):
 def diversity(rm, policy_dir, prompt_ids, s, tok, name):
     """Table 4 (eqs. 13-15): K samples per prompt; per prompt, the mean cosine similarity of its K samples to each
     other (per-input) and of its k-th sample to every other prompt's k-th sample (across-input). -> (n,), (n,)"""
-    policy = eval_rm.load_policy(policy_dir, CPU)
+    policy = model_lib.Transformer.from_pretrained(str(policy_dir)).eval()
     emb = torch.stack([embed_answers(rm, eval_rm.sample_answers(
         policy, prompt_ids, seed=eval_rm.derive_seed(SEED, "diversity", name, k), max_new_tokens=s.max_new_tokens,
         temperature=s.temperature, eos_id=tok.eos_id), tok.bos_id) for k in range(K_SAMPLES)], 1)   # (n, K, D)
@@ -604,6 +606,10 @@ def evals(recs):
 # -----------------------------------------------------------------------------
 # the report
 
+# Written AFTER the reported run, from its numbers: what may explain the claims that did not reproduce. They change
+# no verdict (those follow CRITERIA alone); --report-only renders them into results.md.
+NOTES_AFTER_THE_RUN = []
+
 
 def ms(x, d=3):
     return f"{x['mean']:.{d}f} ± {x['std']:.{d}f}"
@@ -713,6 +719,8 @@ def results_markdown(res):
         "",
         *[f"- **{c['claim']}**: {c['text']}: **{c['verdict']}**." for c in res["claims"]],
         "",
+        *(["## Notes written after the run (they change no verdict)", "", *[f"- {n}" for n in NOTES_AFTER_THE_RUN], ""]
+          if NOTES_AFTER_THE_RUN else []),
         "![chosen and rejected log-probs](fig3_fig7_logps.png)",
         "![log odds ratio](fig7_fig9_log_odds.png)",
         "![odds ratio vs probability ratio](fig8_ratio.png)",
