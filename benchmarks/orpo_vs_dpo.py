@@ -76,8 +76,10 @@ def worker(args):
     tok = data.synthetic_tokenizer()
     pairs = data.build_pairs(data.write_synthetic(Path(args.workdir) / "pairs.parquet", args.pairs, seed=0), tok)
     batches = list(data.PairBatcher(pairs, batch_size=args.pairs, seed=0))             # one batch of all pairs
-    config = dataclasses.replace(model_lib.PRESETS["tiny"], dim=args.dim, n_layers=args.layers,
-                                 ffn_dim=args.dim * 8 // 3 // 32 * 32 or 32)
+    tiny = model_lib.PRESETS["tiny"]            # resized: 6 heads at tiny's width, else heads of 64 (2 KV heads)
+    config = dataclasses.replace(tiny, dim=args.dim, n_layers=args.layers, embed_dim=None, head_dim=None,
+                                 n_heads=tiny.n_heads if args.dim == tiny.dim else args.dim // 64,
+                                 ffn_dim=tiny.ffn_dim if args.dim == tiny.dim else args.dim * 8 // 3 // 64 * 64)
     base, reset_ok = status_mb("VmRSS"), reset_peak_rss()
     torch.manual_seed(0)
     policy = model_lib.Transformer(config).train()

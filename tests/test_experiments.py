@@ -123,8 +123,10 @@ def test_judge_claims_flips_with_the_numbers(smoke):
     for b in paper_cpu.RATIO_BETAS:
         good["runs"][f"ratio_{b}"]["curve_rejected"] = [-3.0, -4.0, -5.0]
     good["fig6"] = {"n": 10, "std_log_pr": 1.4, "std_log_or": 2.6}
-    good["efficiency"]["rows"] = {"orpo": {"forwards": 1, "median_step_s": 0.1, "peak_minus_base_mb": 10.0},
-                                  "dpo": {"forwards": 2, "median_step_s": 0.15, "peak_minus_base_mb": 12.0}}
+    good["efficiency"]["rows"] = {"orpo": {"forwards": 1, "median_step_s": 0.1, "median_cpu_s": 0.1,
+                                           "peak_minus_base_mb": 10.0},
+                                  "dpo": {"forwards": 2, "median_step_s": 0.15, "median_cpu_s": 0.13,
+                                          "peak_minus_base_mb": 12.0}}
     verdicts = {c["claim"]: c["verdict"] for c in paper_cpu.judge_claims(good)}
     assert set(verdicts.values()) == {"met", "reproduced"}, verdicts
     bad = copy.deepcopy(good)
