@@ -362,6 +362,15 @@ def _prune(ckpt_root: Path, keep: int, current: Path, run_id: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@torch.no_grad()
+def nonfinite(tensors: dict, device) -> list[str]:
+    """The names of the tensors holding NaN/inf, the same on every rank: each rank checks its own shards, then one
+    all-reduce (no gather), so all ranks stop together."""
+    local = {k: float(not torch.isfinite(v.to_local() if hasattr(v, "to_local") else v).all())
+             for k, v in tensors.items() if torch.is_tensor(v)}
+    return [plain_name(k) for k, v in all_reduce_sum(local, device).items() if v]
+
+
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG state in place; return trainer_state. Only on the world size that
     wrote it (train.py checks): DCP could reshard the weights, not the data order or the per-rank RNG states."""
@@ -377,11 +386,7 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer) -> dict:
     reader = safe_reader(ckpt_dir)                           # checks .metadata before DCP reads anything
     state = dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
     dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
-    # every rank checks its shards; the sum over ranks names each bad tensor on every rank, so all of them stop
-    local = {k: float(not torch.isfinite(v.to_local() if hasattr(v, "to_local") else v).all())
-             for k, v in state["model"].items() if torch.is_tensor(v)}
-    bad = [plain_name(k) for k, v in all_reduce_sum(local, next(model.parameters()).device).items() if v]
-    if bad:
+    if bad := nonfinite(state["model"], next(model.parameters()).device):
         raise CheckpointError(f"{ckpt_dir}: tensor {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} "
                               f"has NaN/inf values; remove this checkpoint to resume from the one before")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -551,11 +551,11 @@ class Trainer:
         if self.rank == 0:
             self.log(rec)
             print0(f"step {self.step:>5d}/{self.total_steps} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | "
-                       f"or {m['or_loss']:.4f} | log_odds {m['log_odds']:+.3f} | logp w {m['chosen_logps']:.3f} "
-                       f"l {m['rejected_logps']:.3f} | acc {m['reward_acc']:.2f} | margin {m['reward_margin']:+.3f} | "
-                       f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s"
-                       + ("" if mfu is None else f" | mfu {100 * mfu:.1f}%") + f" | mem {rec['mem_gb']:.2f}GB"
-                       + (" | SKIPPED (non-finite)" if m["skipped"] else ""))
+                   f"or {m['or_loss']:.4f} | log_odds {m['log_odds']:+.3f} | logp w {m['chosen_logps']:.3f} "
+                   f"l {m['rejected_logps']:.3f} | acc {m['reward_acc']:.2f} | margin {m['reward_margin']:+.3f} | "
+                   f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s"
+                   + ("" if mfu is None else f" | mfu {100 * mfu:.1f}%") + f" | mem {rec['mem_gb']:.2f}GB"
+                   + (" | SKIPPED (non-finite)" if m["skipped"] else ""))
         return rec
 
     def run_eval(self) -> dict | None:
@@ -565,19 +565,22 @@ class Trainer:
         self.model.eval()
         m = evaluate(self.model, self.eval_batcher, self.args.lam, self.device, self.autocast)
         self.model.train()
-        improved = m["loss"] < self.best_eval and self.weights_finite()     # NaN/inf weights are never exported
+        improved = m["loss"] < self.best_eval and not self.nonfinite()     # NaN/inf weights are never exported
         self.best_eval = m["loss"] if improved else self.best_eval
         if improved and not self.args.no_export:
             self.export(self.out / "best", m)
         if self.rank == 0:
             self.log({"step": self.step, "eval": True, **{f"eval_{k}": v for k, v in m.items()}, "best": improved})
             print0(f"eval  {self.step:>5d} | loss {m['loss']:.4f} | nll {m['nll']:.4f} | or {m['or_loss']:.4f} | "
-                       f"log_odds {m['log_odds']:+.3f} | acc {m['reward_acc']:.2f}"
-                       + (f" | best so far -> {self.out / 'best'}" if improved and not self.args.no_export else ""))
+                   f"log_odds {m['log_odds']:+.3f} | acc {m['reward_acc']:.2f}"
+                   + (f" | best so far -> {self.out / 'best'}" if improved and not self.args.no_export else ""))
         return m
 
+    def nonfinite(self) -> list[str]:   # the parameters holding NaN/inf (dist.nonfinite)
+        return dist.nonfinite(dict(self.model.named_parameters()), self.device)
+
     def save(self) -> bool:   # -> written
-        if not self.weights_finite():
+        if self.nonfinite():
             print0(f"step {self.step}: the weights hold NaN/inf: no checkpoint written (the last good one stays)")
             return False
         state = {"step": self.step, "epoch": self.epoch, "best_eval": self.best_eval, "bad_steps": self.bad_steps,
@@ -586,12 +589,6 @@ class Trainer:
         dist.save_checkpoint(self.out / "ckpt", self.step, self.model, self.optimizer, state,
                              keep=self.args.keep_checkpoints)
         return True
-
-    @torch.no_grad()
-    def weights_finite(self) -> bool:
-        """Every parameter finite, on every rank: each checks its own shards, then one all_reduce (no gather)."""
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
-        return not dist.all_reduce_max(float(not torch.stack([t.isfinite().all() for t in local]).all()), self.device)
 
     def finish(self, records: dict, complete=False) -> int:
         """Final eval, checkpoint, export (never of NaN/inf weights), curves.png and a summary of what was written.

@@ -18,6 +18,7 @@ import torch
 import dist
 import model as model_lib
 import train
+from conftest import run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--synthetic-pairs", "64", "--max-steps", "6", "--batch-size", "8", "--save-every", "2", "--eval-every", "3",
@@ -29,15 +30,6 @@ def env():
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         e.pop(k, None)
     return e
-
-
-def run_main(argv) -> int:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train.main(argv)
-    finally:
-        torch.set_num_threads(n)
 
 
 def records(out: Path) -> list[dict]:

@@ -25,6 +25,7 @@ import dist
 import model as model_lib
 import orpo
 import train
+from conftest import read_metrics, run_main, save_checkpoint, subprocess_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # smaller than the tiny preset (same vocabulary: the synthetic tokenizer's), so that every run here takes seconds
@@ -48,27 +49,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def run_main(argv):
-    """train.main in this process, single-threaded; returns its exit status."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train.main(argv)
-    finally:
-        torch.set_num_threads(n)
-
-
-def subprocess_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    return env
-
-
-def read_metrics(out: Path, eval_records=False) -> list[dict]:
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return [r for r in recs if bool(r.get("eval")) == eval_records]
-
-
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -79,14 +59,6 @@ def contract_keys(run: dict) -> dict:
     """run.json's keys of the contract with eval_rm.py (keys may be added to it, never removed)."""
     return {k: run[k] for k in ("model", "seed", "tokenizer", "template", "train_data", "train_split", "eval_data",
                                 "eval_split", "max_length", "max_prompt_length", "args")}
-
-
-def save_checkpoint(path: Path, config: model_lib.ModelConfig) -> str:
-    """A random-init HF checkpoint of `config` with the synthetic tokenizer saved into it, for --model PATH."""
-    torch.manual_seed(0)
-    model_lib.Transformer(config).save_pretrained(path)
-    data.synthetic_tokenizer().save(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import torch
 import data
 import model as model_lib
 import train
+from conftest import read_metrics as metrics, save_checkpoint, subprocess_env as env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--synthetic-pairs", "64", "--batch-size", "8", "--eval-every", "3", "--save-every", "2"]
@@ -42,17 +43,6 @@ def run_main(argv) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
-def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    e.pop("RANK", None)
-    return e
-
-
-def metrics(out: Path, evals=False) -> list[dict]:
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return [r for r in recs if bool(r.get("eval")) == evals]
-
-
 def final_weights(out: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -63,13 +53,6 @@ def one_error_line(err: str) -> str:
     lines = [l for l in err.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]
-
-
-def save_checkpoint(path: Path, config) -> str:
-    torch.manual_seed(0)
-    model_lib.Transformer(config).save_pretrained(path)
-    data.synthetic_tokenizer().save(path)
-    return str(path)
 
 
 # -----------------------------------------------------------------------------
