@@ -860,8 +860,9 @@ def write_synthetic(path, n_pairs, seed=0, split=None):
         if split is None or synthetic_split(row[0]) == split:
             rows.append(row)
     (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*rows))))), path)
-    return path
+    tmp = path.with_name(path.name + ".tmp")   # then renamed: a run killed while writing leaves no torn file
+    pq.write_table(pa.table(dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*rows))))), tmp)
+    return tmp.replace(path)
 
 
 def oracle_correct(prompt, response):
