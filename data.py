@@ -17,7 +17,6 @@ import datetime
 import functools
 import glob
 import json
-import os
 import random
 import re
 import sys
@@ -33,6 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from model import hub_download   # the Hub client's failures, each in one sentence
 
 
 class DataError(ValueError):
@@ -102,8 +103,8 @@ def load_tokenizer(path_or_name):
         folder = path.parent if path.is_file() else path    # a file: the rest sits beside it
         where, missing = folder, FileNotFoundError
     elif HUB_ID.fullmatch(name):
-        folder = _hub_download(name, "model", ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-                                                "special_tokens_map.json", "chat_template.jinja"])
+        folder = hub_download(name, allow=["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                                            "special_tokens_map.json", "chat_template.jinja"], error=DataError)
         where, missing = f"Hub model {name}", DataError
     else:
         raise FileNotFoundError(f"tokenizer not found: {name} (a folder, a tokenizer.json, a Hub id, or 'synthetic')")
@@ -190,19 +191,6 @@ def _byte_level_bpe(vocab_json, merges_txt, config):
     return tokenizer
 
 
-def _hub_download(repo_id, repo_type, allow_patterns):
-    """snapshot_download with a clear error; HF_HUB_OFFLINE=1 makes it use the local cache only."""
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=allow_patterns))
-    except Exception as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-        hint = "it is not in the local cache (HF_HUB_OFFLINE is set)" if offline else \
-            "no network, or the repo does not exist; set HF_HUB_OFFLINE=1 to use the cache or pass a local path"
-        raise DataError(f"cannot fetch {repo_type} {repo_id!r} from the Hugging Face Hub: {hint} "
-                        f"({type(e).__name__})") from None
-
-
 # -----------------------------------------------------------------------------
 # Chat templates, rendered through Jinja exactly as transformers' apply_chat_template does
 
@@ -286,7 +274,7 @@ def resolve_files(source, split=None):
         if not split:
             raise DataError(f"{source} looks like a Hub dataset id: give its split (e.g. --split train_prefs)")
         patterns = [f"*{split}-*.parquet", f"*{split}.parquet", f"*{split}/*.parquet"]
-        files = sorted(_hub_download(source, "dataset", patterns).rglob("*.parquet"))
+        files = sorted(hub_download(source, repo_type="dataset", allow=patterns, error=DataError).rglob("*.parquet"))
     else:
         raise FileNotFoundError(f"data not found: {source} (a parquet file, a folder, a glob, or a Hub dataset id)")
     if split:               # the Hub's layouts: data/<split>-00000-of-00001.parquet, <split>.parquet, <split>/
@@ -898,21 +886,17 @@ def stats_line(stats: dict) -> str:
                      + [f"{kind}: " + ", ".join(items) for kind, items in groups if items])
 
 
-def format_stats(pairs, max_length):         # what --stats prints
-    s = pairs.stats
-    lines = [f"layout {pairs.layout}, template {pairs.template}, {len(pairs.files)} file(s)",
-             f"rows read {s['rows']}, kept {s['kept']}"] + [f"  {k:36s} {s[k]}" for k in sorted(s) if "/" in k]
-    if len(pairs) == 0:
-        return "\n".join(lines + ["no pairs kept"])
-    p, c, r = pairs.lengths.T
-    rows = {"prompt": p, "chosen": p + c, "rejected": p + r, "chosen response": c, "rejected response": r}
-    lines += ["token-length percentiles p50 p90 p99 p100"] + [f"  {name:18s} " + " ".join(
-        f"{int(np.percentile(v, q)):>5d}" for q in (50, 90, 99, 100)) for name, v in rows.items()]
-    padded, unshared, shared = 2 * max_length * len(p), int((2 * p + c + r).sum()), int((p + c + r).sum())
-    return "\n".join(lines + [
-        f"tokens per pair: padded to 2 x max_length {2 * max_length} (official code), packed {unshared / len(p):.1f}, "
-        f"shared-prompt {shared / len(p):.1f}; prompt share {2 * p.sum() / unshared:.1%}, so shared-prompt packing "
-        f"computes {unshared / shared:.2f}x fewer tokens, padding {padded / shared:.1f}x more"])
+def format_stats(pairs):         # what the command line prints
+    lines = [f"layout {pairs.layout}, template {pairs.template}, {len(pairs.files)} file(s); {stats_line(pairs.stats)}"]
+    if len(pairs):
+        p, c, r = pairs.lengths.T
+        rows = {"prompt": p, "chosen": p + c, "rejected": p + r, "chosen response": c, "rejected response": r}
+        lines += ["token-length percentiles p50 p90 p99 p100"] + [f"  {name:18s} " + " ".join(
+            f"{int(np.percentile(v, q)):>5d}" for q in (50, 90, 99, 100)) for name, v in rows.items()]
+        unshared, shared = int((2 * p + c + r).sum()), int((p + c + r).sum())
+        lines.append(f"prompt share {2 * p.sum() / unshared:.1%} of the tokens of a pair packed as two sequences: "
+                     f"shared-prompt packing computes {unshared / shared:.2f}x fewer tokens")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -925,15 +909,13 @@ def main(argv=None):
     ap.add_argument("--max-length", type=int, default=2048, help="longest sequence; responses are truncated to fit")
     ap.add_argument("--max-prompt-length", type=int, default=1024, help="pairs with longer prompts are dropped")
     ap.add_argument("--columns", default=None, metavar="ROLE=NAME,...", help=f"column names; roles: {', '.join(ROLES)}")
-    ap.add_argument("--stats", action="store_true", help="print counts, length percentiles and padding compute")
     ap.add_argument("--show", type=int, default=0, metavar="N", help="print N examples with their spans marked")
     args = ap.parse_args(argv)
     try:
         tok = load_tokenizer(args.tokenizer)
         pairs = build_pairs(args.data, tok, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                             template=args.template, split=args.split, columns=parse_columns(args.columns))
-        if args.stats or not args.show:
-            print(format_stats(pairs, args.max_length))
+        print(format_stats(pairs))
         piece = lambda ids: " ".join(repr(tok.tokenizer.id_to_token(int(t))) for t in ids)
         for i, pair in enumerate(pairs[:args.show]):          # the spans marked, and the tokens at the boundary
             print(f"--- pair {i}: prompt {len(pair.prompt_ids)} tokens, chosen {len(pair.chosen_ids)}, "

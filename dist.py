@@ -4,7 +4,6 @@ over NCCL or gloo; OUT on a shared filesystem): process group, the lock on OUT, 
 FSDP2 sharding (torchtitan's meta device -> fully_shard per block, then root -> to_empty -> load), atomic checkpoints,
 the HF export. FSDP2, DTensor and DCP are imported where used: torch.distributed.tensor alone takes a second to import.
 """
-import contextlib
 import datetime
 import fcntl
 import importlib
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model import CheckpointError, plain_name, save_hf_state_dict   # plain_name: names without the wrappers' prefixes
+from model import CheckpointError, save_hf_state_dict
 
 # -----------------------------------------------------------------------------
 # process group, and one run per output directory
@@ -83,11 +82,12 @@ def compute_cleanup() -> None:
 
 
 def lock_out_dir(out: Path, device) -> str:
-    """Rank 0 flocks OUT/.lock for the run's life, writing its pid, host and start into it; returns "", or on every rank
-    what the file says of the process holding it. The kernel drops a dead process's flock: it never blocks."""
+    """Rank 0 makes OUT and flocks OUT/.lock for the run's life, writing its pid, host and start into it; returns "",
+    or on every rank what the file says of the process holding it. The kernel drops a dead process's flock."""
     global _OUT_LOCK
     holder, path = "", Path(out) / ".lock"
     if get_dist_info()[1] == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a+", buffering=1)   # line-buffered: the holder line is on disk once printed
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -157,12 +157,6 @@ def all_reduce_sum(values: dict[str, float], device, op=dist.ReduceOp.SUM) -> di
     return dict(zip(keys, t.tolist()))
 
 
-def all_reduce_metrics(metrics: dict[str, float], count: float, device) -> dict[str, float]:
-    """Count-weighted mean over ranks, sum_r(m_r * n_r) / sum_r(n_r): the global batch's metric, not a mean of means."""
-    sums = all_reduce_sum({**{k: v * count for k, v in metrics.items()}, "__count": count}, device)
-    return {k: v / max(sums["__count"], 1e-12) for k, v in sums.items() if k != "__count"}
-
-
 def all_reduce_max(value: float, device) -> float:
     return all_reduce_sum({"max": float(value)}, device, dist.ReduceOp.MAX)["max"]
 
@@ -196,7 +190,7 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], 
     """Copy full tensors (name, tensor), e.g. streamed by model.iter_hf_tensors, one at a time into this rank's shards
     (distribute_tensor with src_data_rank=None slices locally). A silent partial load is an error."""
     # state_dict(keep_vars=True): parameters and persistent buffers, by the names a checkpoint uses
-    params = {plain_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
+    params = model.state_dict(keep_vars=True)
     seen = set()  # ids, so that tied weights (one tensor, two names) count as loaded once either is
     for name, full in tensors:
         if name not in params:
@@ -339,8 +333,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, tra
         os.replace(tmp, final)
         (root / "latest.tmp").write_text(final.name)
         os.replace(root / "latest.tmp", root / "latest")
-        with contextlib.suppress(ValueError):   # an older one's garbled trainer_state.json: prune nothing this time
-            _prune(root, keep, final, trainer_state.get("run_id", ""))
+        _prune(root, keep, final)
     barrier()
     return final
 
@@ -351,12 +344,12 @@ def _complete_checkpoints(ckpt_root: Path) -> list[Path]:
                    and (p / "trainer_state.json").is_file()), key=lambda p: int(p.name[5:]))
 
 
-def _prune(ckpt_root: Path, keep: int, current: Path, run_id: str) -> None:
-    """Keep `current` and the keep - 1 newest checkpoints of its run before it; delete older ones and tmp-*
-    debris. Another run's checkpoints and later steps stay: a step number does not say which trajectory wrote it."""
-    ours = [p for p in _complete_checkpoints(ckpt_root) if int(p.name[5:]) < int(current.name[5:])
-            and read_json(p / "trainer_state.json").get("run_id", "") == run_id]
-    for old in ours[:max(0, len(ours) - (keep - 1))]:
+def _prune(ckpt_root: Path, keep: int, current: Path) -> None:
+    """Keep `current` and the keep - 1 newest checkpoints before it; delete older ones and tmp-* debris. Later steps
+    stay (a run resumed from an older checkpoint rewrites them in turn). All are one run's: train.py refuses a fresh
+    start in an --out that holds checkpoints."""
+    older = [p for p in _complete_checkpoints(ckpt_root) if int(p.name[5:]) < int(current.name[5:])]
+    for old in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for tmp in ckpt_root.glob("tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -368,7 +361,7 @@ def nonfinite(tensors: dict, device) -> list[str]:
     all-reduce (no gather), so all ranks stop together."""
     local = {k: float(not torch.isfinite(v.to_local() if hasattr(v, "to_local") else v).all())
              for k, v in tensors.items() if torch.is_tensor(v)}
-    return [plain_name(k) for k, v in all_reduce_sum(local, device).items() if v]
+    return [k for k, v in all_reduce_sum(local, device).items() if v]
 
 
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer) -> dict:
@@ -419,7 +412,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Gather the full (unsharded) fp32 state dict onto rank 0's CPU; other ranks get {}. A collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {plain_name(k): v for k, v in sd.items()} if is_master() else {}
+    return sd if is_master() else {}
 
 
 def export_hf(model: nn.Module, config, tokenizer, out_dir: Path, files: dict[str, str] | None = None) -> Path:

@@ -179,8 +179,9 @@ def train_reward_model(train_pairs, *, init="tiny", val_pairs=None, out_dir=None
         schedule.step()
         window.update({k: float(v) * batch.n_pairs for k, v in metrics.items()}, pairs=batch.n_pairs)
         if step % log_every == 0 or step == max_steps:
-            # one batch is a noisy estimate: log the mean over the window, over all ranks
-            logged = dist.all_reduce_metrics({k: window[k] / window["pairs"] for k in metrics}, window["pairs"], device)
+            # one batch is a noisy estimate: log the pair-weighted mean over the window and all ranks
+            sums = dist.all_reduce_sum(dict(window), device)
+            logged = {k: sums[k] / sums["pairs"] for k in metrics}
             dist.print0(f"rm step {step:4d}/{max_steps} | loss {logged['loss']:.4f} | acc {logged['accuracy']:.3f} "
                         f"| margin {logged['margin']:+.3f} | lr {step_lr:.2e} | {time.time() - t0:.1f}s")
             window = Counter()

@@ -462,7 +462,7 @@ def _varlen_kernels():
 def pick_attention(requested: str | None, device: torch.device, dtype: torch.dtype,
                    window: int | None = None) -> str:
     """The kernel for `requested` here: "auto" (or None) flash-attn, else torch varlen, else SDPA; a named one, or a
-    RuntimeError when it cannot run on this device and dtype."""
+    ModelConfigError (one line, with the remedy) when it cannot run on this device and dtype."""
     requested = requested or "auto"
     if requested not in KERNELS:
         raise ValueError(f"attention kernel {requested!r} is not one of {KERNELS}")
@@ -472,18 +472,19 @@ def pick_attention(requested: str | None, device: torch.device, dtype: torch.dty
     flash_ok = fast_ok and flash is not None
     varlen_ok = fast_ok and varlen is not None and (window is None or "window_size" in params)
     if requested == "flash" and not flash_ok:
-        raise RuntimeError("attention backend 'flash' needs flash-attn installed and fp16/bf16 CUDA tensors")
+        raise ModelConfigError("attention 'flash' (--attention flash) needs flash-attn installed (pip install -r "
+                               "requirements-gpu.txt) and fp16/bf16 CUDA tensors; use auto or sdpa")
     if requested == "varlen" and not varlen_ok:
-        raise RuntimeError("attention backend 'varlen' needs torch.nn.attention.varlen on fp16/bf16 CUDA tensors "
-                           "(and torch >= 2.12 for a sliding window)")
+        raise ModelConfigError("attention 'varlen' (--attention varlen) needs torch.nn.attention.varlen on fp16/bf16 "
+                               "CUDA tensors (and torch >= 2.12 for a sliding window); use auto or sdpa")
     return requested if requested != "auto" else "flash" if flash_ok else "varlen" if varlen_ok else "sdpa"
 
 
 @dataclass
 class Layout:
-    """Everything attention needs besides q, k, v, built once per forward for all blocks. "sdpa": one call with a bool
-    `mask` (True = attend); a packed batch is one row of N tokens under an (N, N) mask (packed_layout).
-    "flash" / "varlen": `calls`, each (q_index, kv_index, cu_q, cu_k, max_q, max_k), see _varlen_layout."""
+    """Everything attention needs besides q, k, v, built once per forward for all blocks. A packed batch: `calls`,
+    each (q_index, kv_index, cu_q, cu_k, max_q, max_k) (see _varlen_layout), run by the `backend` kernel (SDPA: one
+    call per segment). A batched one (forward, generate): one SDPA call under a bool `mask` (True = attend)."""
     backend: str
     window: int | None = None
     mask: torch.Tensor | None = None
@@ -494,19 +495,33 @@ class Layout:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v, for every layout. k, v may have fewer (GQA) heads than q.
     Packed: (N, H, hd), (N, Hkv, hd) -> (N, H, hd). Batched: (B, T, H, hd), (B, Tk, Hkv, hd) -> (B, T, H, hd)."""
-    if layout.backend != "sdpa":
+    if layout.calls:                                      # packed: the layout's calls, then the rows back in order
         outs = []
         for q_index, kv_index, *lens in layout.calls:     # index None: all N rows, in order
             qc = q if q_index is None else q[q_index]
             kc, vc = (k, v) if kv_index is None else (k[kv_index], v[kv_index])
-            outs.append(_varlen_call(layout, qc, kc, vc, *lens))
+            outs.append((_sdpa_call if layout.backend == "sdpa" else _varlen_call)(layout, qc, kc, vc, *lens))
         return outs[0] if layout.unperm_index is None else torch.cat(outs).index_select(0, layout.unperm_index)
-    packed = q.dim() == 3
-    if packed:                                                              # one row of N tokens
-        q, k, v = q[None], k[None], v[None]
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=layout.mask, enable_gqa=k.shape[-2] != q.shape[-2]).transpose(1, 2)
-    return o[0] if packed else o
+    return o
+
+
+def _sdpa_call(L: Layout, q, k, v, cu_q, cu_k, max_q, max_k):
+    """A varlen call as SDPA calls, one per segment (the CPU and float32 path): each segment's own (n_q, n_k) mask,
+    causal aligned at the bottom-right as the varlen kernels are, and the window. One call for the whole batch under
+    an (N, N) mask would compute every masked-out pair, and its mask would grow with the square of the batch."""
+    outs = []
+    for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):     # queries a:b, keys c:d
+        causal = b - a == d - c and (L.window or d) >= d - c   # plain causal: SDPA skips the masked-out blocks
+        i = torch.arange(d - c - (b - a), d - c, device=q.device)[:, None]   # (n_q, 1) each query's key index
+        j = torch.arange(d - c, device=q.device)                             # (n_k,)
+        mask = None if causal else (j <= i) & (i - j < (L.window or d))      # (n_q, n_k)
+        qs, ks, vs = (t.transpose(0, 1) for t in (q[a:b], k[c:d], v[c:d]))   # (H, n, hd)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=ks.shape[0] != qs.shape[0])
+        outs.append(o.transpose(0, 1))                                       # (n_q, H, hd)
+    return torch.cat(outs)
 
 
 def _varlen_call(L: Layout, q, k, v, cu_q, cu_k, max_q, max_k):
@@ -529,14 +544,9 @@ def packed_layout(seg_lens: torch.Tensor, position_ids: torch.Tensor, window: in
                   dtype: torch.dtype, requested: str | None = "auto") -> Layout:
     """The attention layout of a packed batch, once per forward (not per block); seg_lens (S, 3) on CPU."""
     device = position_ids.device
-    backend = pick_attention(requested, device, dtype, window)
-    if backend != "sdpa":
-        return _varlen_layout(seg_lens, window, backend, device)
-    # SDPA: all N rows at once, the attention rule as one (1, 1, N, N) bool mask
-    seg_id, branch = _token_tags(seg_lens, device)
-    order = torch.arange(len(seg_id), device=device)
-    mask = _visible(seg_id, branch, position_ids, window, order[:, None], order[None, :])        # (N, N)
-    return Layout("sdpa", window, mask=mask[None, None])
+    if window is not None and int((seg_lens[:, 0] + seg_lens[:, 1:].amax(1)).max()) <= window:
+        window = None   # no sequence reaches the window: plain causal (torch 2.10 / 2.11's varlen has no window)
+    return _varlen_layout(seg_lens, window, pick_attention(requested, device, dtype, window), device)
 
 
 def _token_tags(seg_lens: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -546,20 +556,15 @@ def _token_tags(seg_lens: torch.Tensor, device) -> tuple[torch.Tensor, torch.Ten
     return seg_id, branch
 
 
-def _visible(seg_id, branch, position_ids, window, q, k):
-    """Packed query rows q see key rows k (broadcastable): same segment, causal in packed order, a rejected token
-    never sees a chosen one, and Mistral's window in position space."""
-    visible = (seg_id[q] == seg_id[k]) & (q >= k) & ((branch[k] == 0) | (branch[k] == branch[q]))
-    return visible if window is None else visible & ((position_ids[q] - position_ids[k]) < window)
-
-
 def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, device) -> Layout:
     """Unshared: one causal call over all segments. Shared: two. [prompt|chosen] is an ordinary causal sequence;
     rejected queries attend to [prompt|rejected] keys, causal aligned at the bottom-right (query r_k sits at key
     p + k), as the varlen kernels do when query and key lengths differ. Positions run 0..p+c-1 and p..p+r-1 (the
     contract), so index distance inside each call is position distance, and window_size is the window."""
     p, c, r = seg_lens.unbind(1)
-    cu = lambda lens: F.pad(torch.cumsum(lens, 0), (1, 0)).to(device=device, dtype=torch.int32)   # (S + 1,) starts
+    def cu(lens):   # (S + 1,) starts; as Python ints for the SDPA path's loop (no host sync, nothing to trace)
+        starts = F.pad(torch.cumsum(lens, 0), (1, 0))
+        return starts.tolist() if backend == "sdpa" else starts.to(device=device, dtype=torch.int32)
     cu_main, max_main = cu((p + c)[p + c > 0]), int((p + c).max())
     if not (r > 0).any():    # unshared: no gathers needed
         return Layout(backend, window, calls=((None, None, cu_main, cu_main, max_main, max_main),))
@@ -736,7 +741,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     if repo_id.count("/") != 1:
         raise CheckpointError(f"{name_or_path!r} is neither a directory, a preset ({', '.join(PRESETS)}) "
                               f"nor a Hub repo id (owner/name)")
-    local = _download(repo_id)
+    local = hub_download(repo_id)
     if any(local.glob("*.safetensors")):
         return local
     if (ref := _safetensors_pr(repo_id)) is None:
@@ -744,14 +749,16 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
                               f"safety), nor a safetensors pull request by the Hub's conversion bot: convert it first")
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"note: {repo_id} has no safetensors on main; using the Hub bot's conversion PR {ref} (as transformers)")
-    return _download(repo_id, ref)
+    return hub_download(repo_id, ref)
 
 
-def _download(repo_id: str, revision: str | None = None) -> Path:
-    """snapshot_download of the files we read (_ALLOW); each failure of the Hub client is one sentence."""
+def hub_download(repo_id: str, revision: str | None = None, *, repo_type: str = "model", allow=_ALLOW,
+                 error=CheckpointError) -> Path:
+    """snapshot_download of the files we read (a model's _ALLOW, a dataset's parquet files, a tokenizer's files);
+    each failure of the Hub client is one sentence, raised as `error` (data.py's: DataError)."""
     from huggingface_hub import errors, snapshot_download
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_ALLOW))
+        return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow))
     except errors.GatedRepoError:
         why = "is gated: accept its license on huggingface.co, then log in (`hf auth login` or HF_TOKEN)"
     except errors.RepositoryNotFoundError:
@@ -759,7 +766,8 @@ def _download(repo_id: str, revision: str | None = None) -> Path:
     except (errors.LocalEntryNotFoundError, errors.HfHubHTTPError, OSError) as e:
         why = (f"is not in the local Hugging Face cache and the Hub is not reachable (offline, or HF_HUB_OFFLINE=1): "
                f"{type(e).__name__}")
-    raise CheckpointError(f"Hub repo {repo_id}{f' at {revision}' if revision else ''} {why}")
+    kind = "dataset" if repo_type == "dataset" else "repo"
+    raise error(f"Hub {kind} {repo_id}{f' at {revision}' if revision else ''} {why}")
 
 
 def _safetensors_pr(repo_id: str) -> str | None:
@@ -880,20 +888,13 @@ def iter_hf_tensors(ckpt_dir: str | Path, config: ModelConfig,
             yield from ((ours, f.get_tensor(key)) for ours, (in_file, key, _) in plan.items() if in_file == file)
 
 
-def plain_name(name: str) -> str:
-    """A parameter name without what wrappers (torch.compile, activation checkpointing, DDP) insert into it."""
-    for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module.", "module."):
-        name = name.replace(wrapper, "")
-    return name
-
-
 def save_hf_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path,
                        max_shard_bytes: int = 2 * 1024**3, extra: dict[str, torch.Tensor] | None = None,
                        hf_config: dict | None = None) -> Path:
     """Write config.json and HF-named safetensors, sharded above max_shard_bytes; a tied lm_head is not written, as
     HF does. `extra`: more tensors by HF name (a reward model's score.weight); `hf_config`: keys for config.json."""
     (out_dir := Path(out_dir)).mkdir(parents=True, exist_ok=True)
-    expected, ours = expected_params(config), {plain_name(n): t for n, t in state_dict.items()}
+    expected, ours = expected_params(config), dict(state_dict)
     if config.tie_embeddings:
         ours.pop("lm_head.weight", None)   # the embedding itself
     if unknown := [n for n in ours if n not in expected]:

@@ -26,7 +26,6 @@ import subprocess
 import signal
 import sys
 import time
-import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -47,8 +46,8 @@ MAX_BAD_STEPS = 5         # consecutive NaN/inf steps (each skipped) before the 
 UF = "HuggingFaceH4/ultrafeedback_binarized"    # the paper's data (Mistral-ORPO-α), its train and test splits:
 UF_SPLITS = ("train_prefs", "test_prefs")
 PAPER_LAM = {"mistral-7b": 0.1, "llama2-7b": 0.2, "phi-2": 0.25}   # the paper's lambdas; the official scripts': 0.1
-MODULES = ("torch", "safetensors", "tokenizers", "huggingface_hub")   # whose versions run.json records
 BETAS = (0.9, 0.999)      # AdamW's (see build_optimizer)
+MODULES = ("torch", "safetensors", "tokenizers", "huggingface_hub")   # whose versions run.json records
 
 
 class UserError(ValueError):
@@ -59,7 +58,6 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps, or non-finite weights at the end: exit status 1."""
 
 
-# bad input is the same on every rank, so under torchrun rank 0 alone says it
 BAD_INPUT = (UserError, FileNotFoundError, data.DataError, model_lib.CheckpointError, model_lib.ModelConfigError)
 
 
@@ -176,8 +174,6 @@ def check_args(args: argparse.Namespace, world_size: int) -> tuple[Path | None, 
                         f"{saved['world_size']}, this run has {world_size}")
     if args.resume and not saved:
         print0(f"--resume: no checkpoint in {out / 'ckpt'}, starting from scratch")
-    if saved and "settings" not in saved:     # see check_settings
-        print0(f"warning: {latest} records no settings (an older train.py): the flags go unchecked against it")
     return latest, saved
 
 
@@ -187,12 +183,7 @@ def check_model(args, config, tok, device, compute_dtype) -> None:
     if tok.vocab_size > config.vocab_size:
         raise UserError(f"--tokenizer {args.tokenizer or '(default)'} has {tok.vocab_size} ids but --model "
                         f"{args.model} embeds {config.vocab_size} (vocab_size): use one with at most that many")
-    if args.attention != "auto":
-        try:
-            model_lib.pick_attention(args.attention, device, compute_dtype, config.sliding_window)
-        except RuntimeError as e:
-            hint = " (pip install -r requirements-gpu.txt)" if args.attention == "flash" else ""
-            raise UserError(f"--attention {args.attention}: {e}{hint}; use --attention auto or sdpa") from None
+    model_lib.pick_attention(args.attention, device, compute_dtype, config.sliding_window)   # it runs here
     if config.positions == "learned" and args.max_length > config.max_seq_len:
         raise UserError(f"--max-length {args.max_length} is longer than the {config.max_seq_len} positions "
                         f"{args.model} has learned; use --max-length {config.max_seq_len} or less")
@@ -291,7 +282,7 @@ def train_step(model, micro_batches, lam: float, device, autocast=nullcontext(),
                grad_clip: float = 0.0) -> dict:
     """One optimizer step on this rank's micro-batches (data.PackedBatch) -> the metrics of the whole step
     (all micro-batches, all ranks). Without an optimizer it stops after the backward (the gradients stay in
-    .grad), and under torch.no_grad after the forward: evaluate() is this step without the update."""
+    .grad), and under torch.no_grad after the forward: Trainer.run_eval is this step without the update."""
     # eq. 6's denominators count every micro-batch of the step on every rank (known before any forward)
     counts = dist.all_reduce_sum({"pairs": sum(b.n_pairs for b in micro_batches),
                                   "nll": sum(b.n_nll_tokens for b in micro_batches)}, device)
@@ -333,34 +324,36 @@ def train_step(model, micro_batches, lam: float, device, autocast=nullcontext(),
     return m
 
 
-@torch.no_grad()
-def evaluate(model, batcher, lam: float, device, autocast=nullcontext()) -> dict:
-    """Metrics of the held-out pairs: train_step over all of the batcher's batches, without an update."""
-    batcher.rewind()                    # the same eval batches every time
-    return train_step(model, list(batcher), lam, device, autocast)
-
-
 def build_optimizer(model, lr: float, weight_decay: float, device):
     """AdamW, weight decay on matrices only; betas and eps of torch and of the Trainer the official scripts ran."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]     # norms, biases
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]   # norms, biases
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=1e-8, fused=device.type == "cuda")
 
 
 # -----------------------------------------------------------------------------
 # logging and curves
 
-def metrics_logger(args, first_step: int):
+def metrics_logger(args, resumed_step: int | None):
     """Rank 0's logger: appends a record to OUT/metrics.jsonl and, with --report-to, logs its numbers under the same
-    names to W&B or TensorBoard (OUT/tensorboard/; a resumed run purges what came after its checkpoint)."""
+    names to W&B or TensorBoard (OUT/tensorboard/). What came after the checkpoint a run resumes from is cut from
+    both (all of it at a fresh start: a run killed before its first checkpoint), so they read as one run."""
+    path = Path(args.out) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    keep = lines[:-1] if lines and not lines[-1].endswith("}") else lines   # records are flat: "}" ends each one
+    if len(keep) < len(lines):       # the last record of a run killed while writing it
+        print0(f"{path}: dropped its torn last line (written by an interrupted run)")
+    keep = [l for l in keep if resumed_step is not None and l.strip() and json.loads(l)["step"] <= resumed_step]
+    if keep != lines:
+        path.write_text("".join(l + "\n" for l in keep))
     sink = None
     if args.report_to == "wandb":
         import wandb
         sink = wandb.init(project="orpo", dir=args.out, config=vars(args)).log
     elif args.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(str(Path(args.out) / "tensorboard"), purge_step=first_step)
+        first = 0 if resumed_step is None else resumed_step + 1
+        tb = SummaryWriter(str(Path(args.out) / "tensorboard"), purge_step=first)
 
         def sink(values, step):
             for k, v in values.items():
@@ -368,7 +361,7 @@ def metrics_logger(args, first_step: int):
             tb.flush()                  # a run that stops early keeps what it logged
 
     def log(rec):
-        with open(Path(args.out) / "metrics.jsonl", "a") as f:
+        with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if sink:                        # the numbers: not the flags (eval, best, skipped), not None
             sink({k: v for k, v in rec.items() if type(v) in (int, float) and k != "step"}, step=rec["step"])
@@ -379,13 +372,11 @@ CURVES = {"logps": "mean log P(y|x) per token (eq. 3)", "log_odds": "log odds ra
           "nll": "L_SFT (NLL)", "or_loss": "L_OR (eq. 7)"}
 
 
-def plot_curves(runs, png_path, panels=tuple(CURVES), title=None) -> None:
-    """The paper's Figs. 3 and 7 from metrics.jsonl records, {run name: records} or one metrics.jsonl: chosen and
-    rejected log-probs (a panel per run), then log odds, NLL and L_OR (runs overlaid); lines: train batches
-    (smoothed), dots: held-out. x = updates before the forward: s - 1 for train step s, s for an eval at s."""
+def plot_curves(runs: dict, png_path, panels=tuple(CURVES), title=None) -> None:
+    """The paper's Figs. 3 and 7 from {run name: its metrics.jsonl records}: chosen and rejected log-probs (a panel
+    per run), then log odds, NLL and L_OR (runs overlaid); lines: train batches (smoothed), dots: held-out.
+    x = updates before the forward: s - 1 for train step s, s for an eval at s."""
     from matplotlib import figure, style        # no pyplot: no GUI backend, no global figure state
-    if not isinstance(runs, dict):
-        runs = {"": [json.loads(l) for l in Path(runs).read_text().splitlines() if l]}
     style.use(Path(__file__).with_name("plots.mplstyle"))
     cells = [(p, n) for p in panels for n in (runs if p == "logps" else [None])]   # (panel, its one run or None)
     fig = figure.Figure(figsize=(max(6.4, 3.6 * len(cells)), 3.6), layout="constrained")
@@ -425,17 +416,12 @@ class Trainer:
         self.tok = data.load_tokenizer(args.tokenizer or ckpt_dir or "synthetic")
         check_model(args, self.config, self.tok, self.device, compute_dtype)
         self.out, self.metrics_path = Path(args.out), Path(args.out) / "metrics.jsonl"
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
         if holder := dist.lock_out_dir(self.out, self.device):   # one run per --out (two would interleave their files)
             raise UserError(f"--out {self.out} is in use by {holder}; wait for it or choose another --out")
         self.batcher, self.eval_batcher, steps_per_epoch = load_data(args, self.tok, self.config, ckpt_dir, self.rank,
                                                                      self.world_size, resumed=ckpt is not None)
         if saved is not None:   # data.py refuses a position saved under other batching settings or other data
-            try:
-                self.batcher.load_state_dict(saved["batcher"])
-            except ValueError as e:
-                raise UserError(f"{ckpt}: {e}") from None
+            self.batcher.load_state_dict(saved["batcher"])
         self.total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
         self.settings = {"--lr": args.lr, "--weight-decay": args.weight_decay, "AdamW betas": BETAS, "--lam": args.lam,
                          "--grad-clip": args.grad_clip, "--schedule": args.schedule, "--prompt-loss": args.prompt_loss,
@@ -464,44 +450,28 @@ class Trainer:
                f"{compute_dtype} | lam {args.lam} | lr {args.lr} {args.schedule}, warmup {args.warmup_steps} | "
                f"batch {args.batch_size if args.max_tokens is None else f'{args.max_tokens} tokens/micro'} x accum "
                f"{args.grad_accum} | {self.total_steps} steps ({steps_per_epoch}/epoch)")
-        self.log = metrics_logger(args, first_step=saved['step'] + 1 if saved else 0) if self.rank == 0 else None
+        self.log = metrics_logger(args, saved and saved["step"]) if self.rank == 0 else None
         self.resume(ckpt)
 
     def resume(self, ckpt: Path | None) -> None:
-        """Counters, weights, optimizer, RNG and schedule from `ckpt`; without one, a fresh start with a new run id."""
+        """Counters, weights, optimizer, RNG and schedule from `ckpt`; without one, a fresh start."""
         self.step, self.epoch, self.best_eval, self.bad_steps = 0, 0, math.inf, 0
-        # tells this run's checkpoints from others' (dist.save_checkpoint prunes only its own); rank 0's is written
-        self.run_id = uuid.uuid4().hex[:12]
         if ckpt is None:
-            if self.rank == 0:
-                self.metrics_path.unlink(missing_ok=True)   # of a run killed before its first checkpoint
             return
         saved = dist.load_checkpoint(ckpt, self.model, self.optimizer)
         self.scheduler.load_state_dict(saved["scheduler"])
         self.step, self.epoch, self.best_eval, self.bad_steps = (saved[k] for k in ("step", "epoch", "best_eval",
                                                                                     "bad_steps"))
-        self.run_id = saved.get("run_id", "")
-        if self.rank == 0 and self.metrics_path.exists():   # cut back to the checkpoint: it reads as one run
-            lines = self.metrics_path.read_text().splitlines()
-            keep = lines[:]
-            try:
-                json.loads(keep[-1] if keep else "{}")
-            except ValueError:   # the last record of a run killed while writing it
-                print0(f"{self.metrics_path}: dropped its torn last line (written by an interrupted run)")
-                keep.pop()
-            keep = [l for l in keep if l.strip() and json.loads(l)["step"] <= self.step]
-            if keep != lines:
-                self.metrics_path.write_text("".join(l + "\n" for l in keep))
         print0(f"resumed from {ckpt} at step {self.step}")
 
     def fit(self) -> int:
         """The steps to the end with logs, evals and checkpoints, then finish(). -> exit status (128 + a signal's)."""
-        args, records = self.args, {"first": None, "last": None, "eval0": None}
+        args = self.args
         if self.step >= self.total_steps:    # --resume of a complete run
-            return self.finish(records, complete=True)
+            return self.finish(complete=True)
         self.model.train()
         if self.step == 0 and args.eval_every:
-            records["eval0"] = self.run_eval()        # the starting point of the eval curves
+            self.run_eval()                           # the starting point of the eval curves
         stream = (batch for _ in itertools.count() for batch in self.batcher)
         stop = []   # SIGINT/SIGTERM from here on: the first ends the run after its step, with a checkpoint; a second
         for s in (signal.SIGINT, signal.SIGTERM):   # exits at once (even inside a collective; the last save stays)
@@ -517,8 +487,7 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             dt = time.time() - t0
             if self.step % args.log_every == 0 or self.step == self.total_steps or m["skipped"]:
-                records["last"] = self.log_step(m, micro, dt)
-                records["first"] = records["first"] or records["last"]
+                self.log_step(m, micro, dt)
             if self.bad_steps >= MAX_BAD_STEPS:
                 raise TrainingDiverged(f"{self.bad_steps} consecutive steps had a NaN/inf loss or gradient; stopping "
                                        f"at step {self.step} (last good checkpoint: {self.out / 'ckpt'}/latest); try "
@@ -535,9 +504,9 @@ class Trainer:
                     self.run_eval()
                 if args.save_every and self.step % args.save_every == 0:
                     self.save()
-        return self.finish(records)
+        return self.finish()
 
-    def log_step(self, m: dict, micro, dt: float) -> dict:
+    def log_step(self, m: dict, micro, dt: float) -> None:
         """The step's record with throughput, MFU, memory and time (collectives: all ranks call it); rank 0 logs it."""
         c = self.config
         flops = model_lib.step_flops(self.n_matmul, c.n_layers, c.n_heads * c.head_dim, micro)
@@ -556,16 +525,17 @@ class Trainer:
                    f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s"
                    + ("" if mfu is None else f" | mfu {100 * mfu:.1f}%") + f" | mem {rec['mem_gb']:.2f}GB"
                    + (" | SKIPPED (non-finite)" if m["skipped"] else ""))
-        return rec
 
     def run_eval(self) -> dict | None:
-        """Eval metrics on the held-out pairs (None without any); a new best is exported to OUT/best/."""
+        """Eval metrics on the held-out pairs (None without any); a new best (of finite weights) goes to OUT/best/."""
         if self.eval_batcher is None:
             return None
         self.model.eval()
-        m = evaluate(self.model, self.eval_batcher, self.args.lam, self.device, self.autocast)
+        self.eval_batcher.rewind()          # the same eval batches every time
+        with torch.no_grad():               # train_step without an update: the metrics of all held-out pairs
+            m = train_step(self.model, list(self.eval_batcher), self.args.lam, self.device, self.autocast)
         self.model.train()
-        improved = m["loss"] < self.best_eval and not self.nonfinite()     # NaN/inf weights are never exported
+        improved = m["loss"] < self.best_eval and not dist.nonfinite(dict(self.model.named_parameters()), self.device)
         self.best_eval = m["loss"] if improved else self.best_eval
         if improved and not self.args.no_export:
             self.export(self.out / "best", m)
@@ -576,21 +546,18 @@ class Trainer:
                    + (f" | best so far -> {self.out / 'best'}" if improved and not self.args.no_export else ""))
         return m
 
-    def nonfinite(self) -> list[str]:   # the parameters holding NaN/inf (dist.nonfinite)
-        return dist.nonfinite(dict(self.model.named_parameters()), self.device)
-
     def save(self) -> bool:   # -> written
-        if self.nonfinite():
+        if dist.nonfinite(dict(self.model.named_parameters()), self.device):
             print0(f"step {self.step}: the weights hold NaN/inf: no checkpoint written (the last good one stays)")
             return False
         state = {"step": self.step, "epoch": self.epoch, "best_eval": self.best_eval, "bad_steps": self.bad_steps,
-                 "run_id": self.run_id, "world_size": self.world_size, "scheduler": self.scheduler.state_dict(),
+                 "world_size": self.world_size, "scheduler": self.scheduler.state_dict(),
                  "batcher": self.batcher.state_dict(), "settings": self.settings}
         dist.save_checkpoint(self.out / "ckpt", self.step, self.model, self.optimizer, state,
                              keep=self.args.keep_checkpoints)
         return True
 
-    def finish(self, records: dict, complete=False) -> int:
+    def finish(self, complete=False) -> int:
         """Final eval, checkpoint, export (never of NaN/inf weights), curves.png and a summary of what was written.
         Of a run resumed complete: only a missing export (a kill while exporting). -> exit status"""
         args, out = self.args, self.out
@@ -602,12 +569,15 @@ class Trainer:
         if complete:
             print0(f"the run in {out} is already complete: its checkpoint is at step {self.step}, this run has "
                    f"{self.total_steps} steps" + ("; wrote its missing export final/" if missing else ""))
-        elif self.rank == 0:
-            plot_curves(self.metrics_path, out / "curves.png", title=f"ORPO, lam {args.lam}: {out.resolve().name}")
-        done = f"done at step {self.step} after {time.time() - self.t_start:.0f}s | train"
-        for name, a, b in ((done, records["first"], records["last"]), ("eval (held-out pairs):", records["eval0"], e1)):
-            if a and b:
-                print0(name, " | ".join(f"{k} {a[k]:.3f} -> {b[k]:.3f}" for k in ("nll", "log_odds", "reward_acc")))
+        elif self.rank == 0:   # of the whole run's metrics.jsonl (a resumed run's too): curves.png, first -> last
+            recs = [json.loads(l) for l in self.metrics_path.read_text().splitlines() if l]
+            plot_curves({"": recs}, out / "curves.png", title=f"ORPO, lam {args.lam}: {out.resolve().name}")
+            train, evals = [r for r in recs if not r.get("eval")], [r for r in recs if r.get("eval")]
+            for name, pre, rs in (("train", "", train), ("held-out", "eval_", evals)):
+                if len(rs) > 1:
+                    print(f"{name}: " + " | ".join(f"{k} {rs[0][pre + k]:.3f} -> {rs[-1][pre + k]:.3f}"
+                                                    for k in ("nll", "log_odds", "reward_acc")))
+        print0(f"done at step {self.step} after {time.time() - self.t_start:.0f}s")
         outputs = {"final/config.json": "final/ and best/ (Hub-ready: weights, tokenizer, README.md card)",
                    "ckpt/latest": "ckpt/ (--resume)", "run.json": "run.json", "curves.png": "curves.png",
                    "metrics.jsonl": "metrics.jsonl", "data": "data/ (synthetic pairs)"}
@@ -636,12 +606,8 @@ def model_card(run: dict, step: int, metrics: dict | None) -> str:
     on_hub = lambda v: isinstance(v, str) and bool(data.HUB_ID.fullmatch(v)) and not Path(v).exists()
     base = model_lib.PRESETS.get(a["model"], a["model"])
     datasets = [f"- {d}" for d in dict.fromkeys((run["train_data"], run["eval_data"])) if on_hub(d)]
-    if on_hub(base):
-        origin = f"[{base}](https://huggingface.co/{base})"
-    elif Path(a["model"]).is_dir():
-        origin = f"trained from {a['model']}"
-    else:
-        origin = f"the `{a['model']}` preset, random init (seed {a['seed']})"
+    origin = (f"[{base}](https://huggingface.co/{base})" if on_hub(base) else f"trained from {a['model']}"
+              if Path(a["model"]).is_dir() else f"the `{a['model']}` preset, random init (seed {a['seed']})")
     meta = [f"base_model: {base}"] * on_hub(base) + ["datasets:"] * bool(datasets) + datasets
     head = ["---", *meta, "library_name: transformers", "tags:", "- orpo", "---", "",
             f"# {Path(a['out']).resolve().name}", "", f"Base model: {origin}."]

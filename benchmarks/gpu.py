@@ -147,7 +147,7 @@ def resolve_kernel(name: str, device, window) -> tuple[str | None, str]:
     import model as model_lib
     try:
         return model_lib.pick_attention(name, device, torch.bfloat16, window), ""
-    except RuntimeError as e:
+    except model_lib.ModelConfigError as e:
         return None, str(e)
 
 
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
         for backend in backends.values():
             for layout in layouts:
                 t = time.time()
-                try:   # one row out of memory (SDPA's dense (N, N) mask) must not cost the other rows
+                try:   # one row out of memory (SDPA on long segments) must not cost the other rows
                     rows[backend, layout] = time_row(model, optimizer, backend, packed[layout], args, device, autocast)
                 except torch.cuda.OutOfMemoryError:
                     optimizer.zero_grad(set_to_none=True)

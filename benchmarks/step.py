@@ -67,6 +67,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -470,7 +471,7 @@ def run_worker(args):
 # -----------------------------------------------------------------------------
 # --profile: where the default step's time goes
 
-PHASES = ("attention layout (the (N, N) mask)", "trunk forward", "lm_head forward (token_logps)", "loss (eqs. 3, 6, 7)",
+PHASES = ("attention layout (segment indices)", "trunk forward", "lm_head forward (token_logps)", "loss (eqs. 3, 6, 7)",
           "lm_head backward (recompute, index_add)", "trunk backward", "grad clipping", "AdamW step + zero_grad")
 
 
@@ -524,25 +525,26 @@ def phase_flops(flop_info, b) -> dict:
 
 
 def attention_alternative(model, b, repeats: int = 2) -> tuple[float, float]:
-    """CPU seconds of one layer's attention forward + backward on batch b: one SDPA call under the (N, N) mask (what
-    model.py does on the CPU) against one SDPA call per pair segment under its own (n, n) mask (block-diagonal)."""
+    """CPU seconds of one layer's attention forward + backward on batch b: one SDPA call under the (N, N) mask of the
+    whole packed batch (model.py's CPU path before the fourth session; built here) against what model.py does now,
+    one SDPA call per segment under its own small mask (model.attend on packed_layout's calls)."""
     import model as model_lib
     c = model.config
     q = torch.randn(b.num_tokens, c.n_heads, c.head_dim, requires_grad=True)
     k = torch.randn(b.num_tokens, c.n_kv_heads, c.head_dim, requires_grad=True)
     v = torch.randn(b.num_tokens, c.n_kv_heads, c.head_dim, requires_grad=True)
-    seg = b.seg_lens.sum(1).tolist()
-    starts = np.concatenate([[0], np.cumsum(seg)])
+    seg_id, branch = model_lib._token_tags(b.seg_lens, "cpu")
+    i, j = torch.arange(b.num_tokens)[:, None], torch.arange(b.num_tokens)
+    mask = (seg_id[i] == seg_id[j]) & (i >= j) & ((branch[j] == 0) | (branch[j] == branch[i]))    # (N, N)
     layout = model_lib.packed_layout(b.seg_lens, b.position_ids, None, torch.float32, "sdpa")
-    per_seg = [model_lib.packed_layout(b.seg_lens[i:i + 1], b.position_ids[starts[i]:starts[i + 1]], None,
-                                       torch.float32, "sdpa") for i in range(len(seg))]
 
     def one_call():
-        model_lib.attend(q, k, v, layout).sum().backward()
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                           attn_mask=mask, enable_gqa=c.n_kv_heads != c.n_heads)
+        o.sum().backward()
 
     def per_segment():
-        outs = [model_lib.attend(q[s:e], k[s:e], v[s:e], L) for s, e, L in zip(starts[:-1], starts[1:], per_seg)]
-        torch.cat(outs).sum().backward()
+        model_lib.attend(q, k, v, layout).sum().backward()
 
     res = []
     for fn in (one_call, per_segment):
@@ -593,8 +595,8 @@ def profile_ours(args, ckpt, batches, flop_info, peak) -> int:
     one, per = attention_alternative(model, b)
     pairs = model_lib.attention_pairs(b.seg_lens)
     print(f"attention, one layer forward + backward on batch 0 ({b.num_tokens} tokens, {len(b.seg_lens)} pairs): one SDPA "
-          f"call under the (N, N) mask {1000 * one:,.0f} ms CPU; one call per pair under its own mask {1000 * per:,.0f} ms "
-          f"CPU. The mask allows {pairs:,.0f} of the N^2 = {b.num_tokens ** 2:,} (query, key) pairs "
+          f"call under the (N, N) mask {1000 * one:,.0f} ms CPU; one call per segment under its own mask (model.py's "
+          f"CPU path) {1000 * per:,.0f} ms CPU. The mask allows {pairs:,.0f} of the N^2 = {b.num_tokens ** 2:,} (query, key) pairs "
           f"({100 * pairs / b.num_tokens ** 2:.0f}%)")
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -177,9 +177,11 @@ def base_corpus(pool_path, n_general, tok):
 
 
 def heldout_record(model, batcher, step):
-    """train.evaluate on the held-out pairs, as a metrics.jsonl eval record (eq. 3 averages, eq. 5)."""
+    """train.train_step (no update) on the held-out pairs, as a metrics.jsonl eval record (eq. 3 averages, eq. 5)."""
     model.eval()
-    m = train.evaluate(model, batcher, 0.0, CPU)
+    batcher.rewind()
+    with torch.no_grad():                # train_step without an update, as train.py evaluates
+        m = train.train_step(model, list(batcher), 0.0, CPU)
     model.train()
     return {"step": step, "eval": True, **{f"eval_{k}": float(v) for k, v in m.items()}}
 

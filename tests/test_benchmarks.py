@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark code paths (benchmarks/step.py, gpu.py, gpu_check): tiny sizes, no timing asserts."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_profile_names_every_phase_of_the_step(capsys):
     text = capsys.readouterr().out
     for phase in step.PHASES:
         assert f"| {phase} |" in text
-    assert "one call per pair under its own mask" in text and "top operators" in text
+    assert "one call per segment under its own mask" in text and "top operators" in text
 
 
 def test_scaling_plot_draws_measured_and_stopped_rows(tmp_path):
@@ -136,3 +137,14 @@ def test_gpu_check_dry_run_reports_every_part_not_available_and_exits_0(tmp_path
     rows = [line for line in table.splitlines() if line.startswith("| (")]
     assert {line.split(" | ")[0][2:5] for line in rows} == {"(a)", "(b)", "(c)"}
     assert all(" | not available here | " in line for line in rows) and "failed" not in table
+
+
+def test_gpu_check_train_part_runs_train_py_as_written(tmp_path):
+    """Part (c)'s real train.py command line, on the CPU with tiny shapes (--smoke-cpu): a train.py change that
+    breaks it (a new default, a renamed flag) fails here, not in the first GPU session's only run."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(tmp_path / "out"), "--smoke-cpu",
+                        "--train-steps", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    table = (tmp_path / "out" / "gpu_check.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| (c)"))
+    assert " | ok | " in row and "3 steps" in row, table + r.stdout[-2000:]

@@ -28,7 +28,7 @@ def tiny_checkpoint(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randint(0, 64, (1, 6))).sum().backward()
     optimizer.step()
-    ckpt = dist.save_checkpoint(tmp_path / "ckpt", 1, model, optimizer, {"step": 1, "run_id": "r"})
+    ckpt = dist.save_checkpoint(tmp_path / "ckpt", 1, model, optimizer, {"step": 1})
     return ckpt, model, optimizer
 
 

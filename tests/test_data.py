@@ -193,7 +193,7 @@ def test_hub_dataset_without_network_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="split"):
         data.resolve_files("HuggingFaceH4/ultrafeedback_binarized")
-    with pytest.raises(DataError, match="cannot fetch dataset 'nobody/no-such-dataset-xyz'"):
+    with pytest.raises(DataError, match="Hub dataset nobody/no-such-dataset-xyz is not in the local Hugging Face cache"):
         data.resolve_files("nobody/no-such-dataset-xyz", split="train_prefs")
 
 
@@ -715,14 +715,14 @@ def test_real_sharegpt_with_llama2(tmp_path):
 
 def test_cli_stats_show_and_help(tmp_path, capsys):
     f = data.write_synthetic(tmp_path / "s.parquet", 50)
-    assert data.main(["--data", str(f), "--stats", "--show", "1"]) == 0
+    assert data.main(["--data", str(f), "--show", "1"]) == 0
     out = capsys.readouterr().out
-    assert "rows read 50, kept 50" in out and "prompt share" in out and "[PROMPT]<s><|user|>" in out
+    assert "kept 50 of 50 rows" in out and "prompt share" in out and "[PROMPT]<s><|user|>" in out
     named = write(tmp_path / "named.parquet", {"q": ["hi"], "good": ["yes"], "bad": ["no"]})
     assert data.main(["--data", str(named)]) == 2
     assert "--columns prompt=...,chosen=...,rejected=..." in capsys.readouterr().err   # train.py's names
     assert data.main(["--data", str(named), "--columns", "prompt=q,chosen=good,rejected=bad"]) == 0
-    assert "rows read 1, kept 1" in capsys.readouterr().out
+    assert "kept 1 of 1 rows" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         data.main(["--help"])
     assert exit_.value.code == 0 and "default: 2048" in capsys.readouterr().out

@@ -268,11 +268,18 @@ def test_shared_equals_unshared_on_extreme_segments(family):
     torch.testing.assert_close(h1[rows_s], hu[rows_u], atol=1e-5, rtol=1e-5)
 
 
+def visible(layout, n):
+    """(n, n) 0/1: which keys each packed row attends to, read off attend(): with q = k = 0 every visible key gets the
+    same weight, and v = one-hot rows, so row i of the output is nonzero exactly at the keys it sees."""
+    zeros, eye = torch.zeros(n, 1, 4), torch.eye(n)[:, None, :]
+    return (M.attend(zeros, zeros, eye, layout)[:, 0] > 0).int()
+
+
 def test_shared_mask_rule():
-    """The masks themselves, on one segment (p=2, c=2, r=2): rejected rows never see chosen columns."""
+    """The attention rule itself, on one segment (p=2, c=2, r=2): rejected rows never see chosen columns."""
     seg = torch.tensor([[2, 2, 2]])
     pos = torch.tensor([0, 1, 2, 3, 2, 3])
-    m = M.packed_layout(seg, pos, None, torch.float32).mask[0, 0].int()
+    m = visible(M.packed_layout(seg, pos, None, torch.float32), 6)
     expected = torch.tensor([[1, 0, 0, 0, 0, 0],
                              [1, 1, 0, 0, 0, 0],
                              [1, 1, 1, 0, 0, 0],
@@ -280,8 +287,12 @@ def test_shared_mask_rule():
                              [1, 1, 0, 0, 1, 0],
                              [1, 1, 0, 0, 1, 1]])
     assert torch.equal(m, expected)
-    w = M.packed_layout(seg, pos, 2, torch.float32).mask[0, 0].int()   # window 2 in position space
+    w = visible(M.packed_layout(seg, pos, 2, torch.float32), 6)   # window 2 in position space
     assert w[5].tolist() == [0, 0, 0, 0, 1, 1] and w[4].tolist() == [0, 1, 0, 0, 1, 0]
+    assert w[3].tolist() == [0, 0, 1, 1, 0, 0] and w[1].tolist() == [1, 1, 0, 0, 0, 0]
+    # a window no sequence reaches is dropped (so torch 2.10 / 2.11's varlen, which has none, still runs it)
+    assert M.packed_layout(seg, pos, 4, torch.float32).window is None and visible(M.packed_layout(seg, pos, 4,
+                                                                                          torch.float32), 6).equal(m)
 
 
 def test_varlen_layout_indices():
@@ -545,7 +556,7 @@ def test_resolve_checkpoint_gated_and_no_safetensors(monkeypatch, tmp_path):
 
     calls = []
 
-    def gated(repo_id, allow_patterns, revision=None):
+    def gated(repo_id, allow_patterns, revision=None, repo_type=None):
         calls.append(allow_patterns)
         raise GatedRepoError("401", response=SimpleNamespace(headers={}, status_code=401, request=None, url=""))
 
@@ -555,7 +566,7 @@ def test_resolve_checkpoint_gated_and_no_safetensors(monkeypatch, tmp_path):
     assert "*.safetensors" in calls[0] and not any("bin" in p for p in calls[0])
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns, revision: str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns, revision, repo_type: str(tmp_path))
     with pytest.raises(M.CheckpointError, match="has no \\*.safetensors"):
         M.resolve_checkpoint("someone/pickled-only")
 
@@ -575,7 +586,7 @@ def test_safetensors_from_the_bots_conversion_pr(monkeypatch, tmp_path, capsys):
     (pr_dir / "model.safetensors").write_bytes(b"")
     downloads = []
 
-    def snapshot_download(repo_id, allow_patterns, revision=None):
+    def snapshot_download(repo_id, allow_patterns, revision=None, repo_type=None):
         downloads.append(revision)
         return str(pr_dir if revision == "refs/pr/7" else main_dir)
 

@@ -193,8 +193,8 @@ def test_attention_flops_count_the_pairs_the_mask_allows():
     g = torch.Generator().manual_seed(0)
     for seg_lens in (torch.randint(1, 9, (5, 3), generator=g), torch.tensor([[6, 0, 0], [3, 0, 0]])):
         seg_id, branch = model_lib._token_tags(seg_lens, torch.device("cpu"))
-        order = torch.arange(len(seg_id))
-        mask = model_lib._visible(seg_id, branch, order, None, order[:, None], order[None, :])
+        q, k = torch.arange(len(seg_id))[:, None], torch.arange(len(seg_id))   # the rule, written out: same pair,
+        mask = (seg_id[q] == seg_id[k]) & (q >= k) & ((branch[k] == 0) | (branch[k] == branch[q]))   # causal, no w->l
         assert model_lib.attention_pairs(seg_lens) == int(mask.sum())
         batch = type("Batch", (), {"seg_lens": seg_lens, "num_tokens": len(seg_id)})
         assert model_lib.step_flops(0, 3, 8, [batch]) == 12 * 3 * 8 * int(mask.sum())
@@ -458,28 +458,26 @@ def test_resume_with_other_ranks_or_batching_is_one_clean_line(finished_run, fin
     assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1, err
 
 
-def fake_checkpoint(root: Path, step: int, run_id: str):
+def fake_checkpoint(root: Path, step: int):
     d = root / f"step_{step:07d}"
     d.mkdir(parents=True)
-    (d / "trainer_state.json").write_text(json.dumps({"step": step, "run_id": run_id}))
+    (d / "trainer_state.json").write_text(json.dumps({"step": step}))
     return d
 
 
-def test_prune_keeps_the_new_checkpoint_and_never_touches_another_runs(tmp_path):
-    """keep=2: the checkpoint just written and the newest older one OF THIS RUN; another run's checkpoints
-    (even with higher step numbers) and later steps stay; interrupted saves' debris goes."""
+def test_prune_keeps_the_new_checkpoint_and_the_later_steps(tmp_path):
+    """keep=2: the checkpoint just written and the newest older one; later steps (of the trajectory a resume from
+    an older checkpoint leaves) stay until rewritten; interrupted saves' debris goes."""
     root = tmp_path / "ckpt"
-    other = [fake_checkpoint(root, s, "other") for s in (4, 6)]
-    mine = [fake_checkpoint(root, s, "mine") for s in (1, 2, 3)]
+    steps = [fake_checkpoint(root, s) for s in (1, 2, 3, 4)]
     (root / "tmp-step_0000009").mkdir()
     names = lambda: sorted(p.name for p in root.iterdir())
-    dist._prune(root, 2, mine[2], "mine")                  # step 3 was just written: step 1 goes
-    assert names() == ["step_0000002", "step_0000003", "step_0000004", "step_0000006"]
-    dist._prune(root, 1, mine[1], "mine")                  # step 2 rewritten after a resume: step 3 is not older
-    assert names() == ["step_0000002", "step_0000003", "step_0000004", "step_0000006"]
-    dist._prune(root, 1, mine[2], "mine")
-    assert names() == ["step_0000003", "step_0000004", "step_0000006"]
-    assert all(p.exists() for p in other)
+    dist._prune(root, 2, steps[2])                  # step 3 was just written: step 1 goes, step 4 stays
+    assert names() == ["step_0000002", "step_0000003", "step_0000004"]
+    dist._prune(root, 1, steps[1])                  # step 2 rewritten after a resume: steps 3 and 4 are not older
+    assert names() == ["step_0000002", "step_0000003", "step_0000004"]
+    dist._prune(root, 1, steps[3])
+    assert names() == ["step_0000004"]
 
 
 # -----------------------------------------------------------------------------

@@ -114,20 +114,6 @@ def test_a_longer_run_continues_a_schedule_that_ignores_the_total(tmp_path, sche
     assert state["settings"]["--max-steps/--epochs"] == 10 and state["settings"]["--schedule"] == schedule
 
 
-def test_a_checkpoint_without_settings_is_resumed_with_a_warning(cosine_run, tmp_path):
-    """Of an older train.py: nothing to compare with, said in one line (and the run completes as before)."""
-    out = tmp_path / "old"
-    import shutil
-
-    shutil.copytree(cosine_run, out)
-    for state in out.glob("ckpt/step_*/trainer_state.json"):
-        s = json.loads(state.read_text())
-        del s["settings"]
-        state.write_text(json.dumps(s))
-    status, log, _ = run_main(["--out", out, *ARGS, "--max-steps", "6", "--no-export", "--resume"])
-    assert status == 0 and "records no settings (an older train.py): the flags go unchecked" in log
-
-
 # -----------------------------------------------------------------------------
 # item 5 and item 10: the tokenizer fits the model, --seed in range
 
