@@ -324,11 +324,11 @@ def train_step(model, micro_batches, lam: float, device, autocast=nullcontext(),
     return m
 
 
-def build_optimizer(model, lr: float, weight_decay: float, device):
+def build_optimizer(model, lr: float, weight_decay: float):
     """AdamW, weight decay on matrices only; betas and eps of torch and of the Trainer the official scripts ran."""
     groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]   # norms, biases
-    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=1e-8, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=1e-8, fused=True)   # CPU too: 1/3 of the loop's time
 
 
 # -----------------------------------------------------------------------------
@@ -435,7 +435,7 @@ class Trainer:
             print0(f"warning: {self.total_steps} steps with warmup {args.warmup_steps}: the lr never reaches its "
                    f"peak (max {peak:.1e} of {args.lr:.1e})")
         self.model = build_model(args, self.config, ckpt_dir, self.device, compute_dtype)
-        self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay, self.device)
+        self.optimizer = build_optimizer(self.model, args.lr, args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         # one process on a GPU: bf16 compute comes from autocast (under FSDP, FSDP casts the params itself)
         use_autocast = compute_dtype != torch.float32 and self.world_size == 1

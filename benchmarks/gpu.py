@@ -247,7 +247,7 @@ def main(argv=None) -> int:
         model.train()
         n_params = sum(p.numel() for p in model.parameters())
         n_matmul = matmul_params(model)
-        optimizer = train.build_optimizer(model, 1e-5, 0.0, device)
+        optimizer = train.build_optimizer(model, 1e-5, 0.0)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16)
         groups, pair_tokens, source = make_batches(args, args.warmup + args.steps)
         packed = {layout: [data_lib.pack_pairs(g, shared_prompt=layout == "shared", prompt_loss=True).to(device)

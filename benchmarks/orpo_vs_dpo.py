@@ -90,7 +90,7 @@ def worker(args):
         reference = model_lib.Transformer(config).eval().requires_grad_(False)
         reference.load_state_dict(policy.state_dict())
         count_forwards(reference, forwards)
-    optimizer = train.build_optimizer(policy, 1e-4, 0.0, torch.device("cpu"))
+    optimizer = train.build_optimizer(policy, 1e-4, 0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
     def step():

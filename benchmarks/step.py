@@ -284,7 +284,7 @@ def ours_row(setup, args, shared_prompt: bool):
     cpu = torch.device("cpu")
     model = model_lib.Transformer.from_pretrained(setup["ckpt"])
     model.train()
-    optimizer = train.build_optimizer(model, LR, 0.0, cpu)
+    optimizer = train.build_optimizer(model, LR, 0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     batches = [data_lib.pack_pairs([data_lib.TokenizedPair(*(np.asarray(x, np.int32) for x in pr)) for pr in b],
                                    shared_prompt=shared_prompt, prompt_loss=True) for b in setup["batches"]]
@@ -297,7 +297,8 @@ def ours_row(setup, args, shared_prompt: bool):
 
 def trl_row(setup, args):
     """TRL's ORPOTrainer: its collator, its training_step (compute_loss -> concatenated_forward ->
-    odds_ratio_loss, backward), then what Trainer's loop does next: clip to 1.0 and the optimizer step."""
+    odds_ratio_loss, backward), then what Trainer's loop does next: clip to 1.0 and the optimizer step (fused AdamW,
+    Trainer's default on torch >= 2.8, as ours)."""
     import datasets
     import transformers
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -306,7 +307,7 @@ def trl_row(setup, args):
     model = transformers.AutoModelForCausalLM.from_pretrained(setup["ckpt"], dtype=torch.float32)
     tok = hf_tokenizer()
     config = ORPOConfig(output_dir=str(Path(setup["workdir"]) / "trl"), beta=args.lam, max_length=args.max_length,
-                        per_device_train_batch_size=args.pairs, learning_rate=LR, optim="adamw_torch",
+                        per_device_train_batch_size=args.pairs, learning_rate=LR, optim="adamw_torch_fused",
                         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                         max_grad_norm=GRAD_CLIP, lr_scheduler_type="constant", bf16=False, fp16=False,
                         use_cpu=True, report_to="none", logging_strategy="no", save_strategy="no",
@@ -368,7 +369,7 @@ def pad_max_row(setup, args):
     transformers.logging.set_verbosity_error()
     model = transformers.AutoModelForCausalLM.from_pretrained(setup["ckpt"], dtype=torch.float32)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
     T = args.max_length
 
     def padded(seqs):
@@ -563,7 +564,7 @@ def profile_ours(args, ckpt, batches, flop_info, peak) -> int:
     import train
     model = model_lib.Transformer.from_pretrained(ckpt)
     model.train()
-    optimizer = train.build_optimizer(model, LR, 0.0, torch.device("cpu"))
+    optimizer = train.build_optimizer(model, LR, 0.0)
     packed = [pack(b, True) for b in batches]
     scratch = {k: [0.0, 0.0] for k in PHASES}
     for b in packed:                                       # warmup: allocator, MKL buffers, AdamW state

@@ -198,7 +198,7 @@ def pretrain_base(job):
     tok, out, t0 = data.synthetic_tokenizer(), Path(job["out"]), time.time()
     sequences = base_corpus(job["pool"], job["base_texts"], tok)
     model = model_lib.Transformer.from_pretrained("tiny", seed=SEED).train()
-    optimizer = train.build_optimizer(model, job["lr"], 0.0, CPU)
+    optimizer = train.build_optimizer(model, job["lr"], 0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, dist.lr_lambda("cosine", job["warmup"], job["steps"]))
     rng, records = random.Random(SEED), []
     for step in range(1, job["steps"] + 1):
@@ -220,7 +220,7 @@ def fit_policy(job):
         reference = model_lib.Transformer.from_pretrained(job["init"]).eval().requires_grad_(False)
     batcher = data.PairBatcher(data.build_pairs(job["train"], tok), batch_size=job["batch_size"], seed=SEED)
     eval_batcher = data.PairBatcher(data.build_pairs(job["eval"], tok), batch_size=job["batch_size"], seed=SEED)
-    optimizer = train.build_optimizer(policy, job["lr"], 0.0, CPU)
+    optimizer = train.build_optimizer(policy, job["lr"], 0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, dist.lr_lambda("cosine", job["warmup"], job["steps"]))
     stream = (batch for _ in itertools.count() for batch in batcher)      # epoch after epoch, each reshuffled
     records = [heldout_record(policy, eval_batcher, 0)]

@@ -186,7 +186,7 @@ def test_dpo_step_starts_at_log2_and_trains_only_the_policy():
                                                        torch.ones(int(batch.tgt_response.sum())))
     assert torch.allclose(sums, means * counts, atol=1e-4)        # DPO sums what eq. 3 averages
     before = [p.clone() for p in reference.parameters()]
-    optimizer = train.build_optimizer(policy, 1e-3, 0.0, torch.device("cpu"))
+    optimizer = train.build_optimizer(policy, 1e-3, 0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     m = dpo.dpo_step(policy, reference, batch, 0.1, optimizer, scheduler)
     assert m["loss"] == pytest.approx(math.log(2), abs=1e-6) and m["dpo_margin"] == pytest.approx(0.0, abs=1e-6)
@@ -204,6 +204,6 @@ def test_ratio_step_is_sft_plus_the_probability_ratio_term():
     with torch.no_grad():
         _, means, nll = dpo.sequence_logps(policy, batch)
     expected = float(nll + 0.5 * -torch.nn.functional.logsigmoid(0.2 * (means[:P] - means[P:])).mean())
-    optimizer = train.build_optimizer(policy, 1e-3, 0.0, torch.device("cpu"))
+    optimizer = train.build_optimizer(policy, 1e-3, 0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     assert dpo.ratio_step(policy, batch, 0.5, 0.2, optimizer, scheduler)["loss"] == pytest.approx(expected, rel=1e-5)
