@@ -502,26 +502,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) ->
             kc, vc = (k, v) if kv_index is None else (k[kv_index], v[kv_index])
             outs.append((_sdpa_call if layout.backend == "sdpa" else _varlen_call)(layout, qc, kc, vc, *lens))
         return outs[0] if layout.unperm_index is None else torch.cat(outs).index_select(0, layout.unperm_index)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=layout.mask, enable_gqa=k.shape[-2] != q.shape[-2]).transpose(1, 2)
-    return o
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),   # batched
+                                          attn_mask=layout.mask, enable_gqa=k.shape[-2] != q.shape[-2]).transpose(1, 2)
 
 
 def _sdpa_call(L: Layout, q, k, v, cu_q, cu_k, max_q, max_k):
-    """A varlen call as SDPA calls, one per segment (the CPU and float32 path): each segment's own (n_q, n_k) mask,
-    causal aligned at the bottom-right as the varlen kernels are, and the window. One call for the whole batch under
-    an (N, N) mask would compute every masked-out pair, and its mask would grow with the square of the batch."""
-    outs = []
-    for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):     # queries a:b, keys c:d
-        causal = b - a == d - c and (L.window or d) >= d - c   # plain causal: SDPA skips the masked-out blocks
-        i = torch.arange(d - c - (b - a), d - c, device=q.device)[:, None]   # (n_q, 1) each query's key index
-        j = torch.arange(d - c, device=q.device)                             # (n_k,)
-        mask = None if causal else (j <= i) & (i - j < (L.window or d))      # (n_q, n_k)
-        qs, ks, vs = (t.transpose(0, 1) for t in (q[a:b], k[c:d], v[c:d]))   # (H, n, hd)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=ks.shape[0] != qs.shape[0])
-        outs.append(o.transpose(0, 1))                                       # (n_q, H, hd)
-    return torch.cat(outs)
+    """A varlen call on SDPA (the CPU and float32 path): its segments padded to one (S, max_q, max_k) grid under one
+    mask (bottom-right causal as the varlen kernels: query i of n_q sits at key i + n_k - n_q; the window), or one by
+    one where padding would more than double the work; never one (N, N) mask over the batch, all masked-out work and
+    quadratic in the batch. Sizes are Python ints: torch.compile traces it without data-dependent shapes."""
+    spans = list(zip(cu_q, cu_q[1:], cu_k, cu_k[1:]))                       # queries a:b, keys c:d
+    if len(spans) > 1 and len(spans) * max_q * max_k > 2 * sum((b - a) * (d - c) for a, b, c, d in spans):
+        return torch.cat([_sdpa_call(L, q, k, v, [a, b], [c, d], b - a, d - c) for a, b, c, d in spans])
+    a, b, c, d = (torch.tensor(x, device=q.device)[:, None] for x in zip(*spans))   # (S, 1) each
+    rows, cols = torch.arange(max_q, device=q.device), torch.arange(max_k, device=q.device)
+    key_of = (rows + (d - c) - (b - a))[..., None]                          # (S, Tq, 1) each query's own key
+    mask = (cols <= key_of) & (key_of - cols < (L.window or max_k)) & (cols < (d - c)[..., None])
+    mask = torch.where((rows < b - a)[..., None], mask, cols == 0)          # (S, Tq, Tk); a padding row sees one key
+    iq, ik = (a + rows).clamp(max=len(q) - 1), (c + cols).clamp(max=len(k) - 1)
+    qg, kg, vg = (t.transpose(1, 2) for t in (q[iq], k[ik], v[ik]))        # (S, H, T, hd)
+    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask[:, None], enable_gqa=kg.shape[1] != qg.shape[1])
+    real = torch.cat([torch.arange(s[1] - s[0], device=q.device) + i * max_q for i, s in enumerate(spans)])
+    return o.transpose(1, 2).flatten(0, 1).index_select(0, real)           # (n_q in all, H, hd), in packed order
 
 
 def _varlen_call(L: Layout, q, k, v, cu_q, cu_k, max_q, max_k):

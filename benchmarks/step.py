@@ -527,8 +527,8 @@ def phase_flops(flop_info, b) -> dict:
 
 def attention_alternative(model, b, repeats: int = 2) -> tuple[float, float]:
     """CPU seconds of one layer's attention forward + backward on batch b: one SDPA call under the (N, N) mask of the
-    whole packed batch (model.py's CPU path before the fourth session; built here) against what model.py does now,
-    one SDPA call per segment under its own small mask (model.attend on packed_layout's calls)."""
+    whole packed batch (model.py's CPU path until the fifth session; built here) against what model.py does now
+    (model.attend on packed_layout's calls: the segments on one padded grid, or one SDPA call per segment)."""
     import model as model_lib
     c = model.config
     q = torch.randn(b.num_tokens, c.n_heads, c.head_dim, requires_grad=True)
@@ -596,8 +596,8 @@ def profile_ours(args, ckpt, batches, flop_info, peak) -> int:
     one, per = attention_alternative(model, b)
     pairs = model_lib.attention_pairs(b.seg_lens)
     print(f"attention, one layer forward + backward on batch 0 ({b.num_tokens} tokens, {len(b.seg_lens)} pairs): one SDPA "
-          f"call under the (N, N) mask {1000 * one:,.0f} ms CPU; one call per segment under its own mask (model.py's "
-          f"CPU path) {1000 * per:,.0f} ms CPU. The mask allows {pairs:,.0f} of the N^2 = {b.num_tokens ** 2:,} (query, key) pairs "
+          f"call under the (N, N) mask {1000 * one:,.0f} ms CPU; model.py's CPU path (segments on a padded grid, or "
+          f"one call per segment) {1000 * per:,.0f} ms CPU. The mask allows {pairs:,.0f} of the N^2 = {b.num_tokens ** 2:,} (query, key) pairs "
           f"({100 * pairs / b.num_tokens ** 2:.0f}%)")
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:

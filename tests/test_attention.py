@@ -194,3 +194,22 @@ def test_gpu_backends_match_sdpa(backend, family):
         torch.testing.assert_close(out[shared, backend][0], out[shared, "sdpa"][0], atol=3e-2, rtol=3e-2)
         g, ref = out[shared, backend][1], out[shared, "sdpa"][1]
         assert float((g - ref).norm() / ref.norm()) < 3e-2
+
+
+@pytest.mark.parametrize("lengths", [[(4, 5), (6, 6), (3, 5)], [(1, 1), (40, 47), (2, 9)]], ids=["grid", "one-by-one"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_sdpa_path_equals_the_reference_kernel(lengths, window):
+    """model.py's CPU path for a varlen call, both ways it runs one (similar lengths: one padded grid; mixed ones:
+    one call per segment), against the reference kernel above: bottom-right causal, the window, GQA."""
+    g = torch.Generator().manual_seed(0)
+    n_q, n_k = zip(*lengths)
+    cu_q, cu_k = ([0, *torch.tensor(n).cumsum(0).tolist()] for n in (n_q, n_k))
+    q = torch.randn(cu_q[-1], 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(cu_k[-1], 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    got = M._sdpa_call(M.Layout("sdpa", window), q, k, v, cu_q, cu_k, max(n_q), max(n_k))
+    i32 = lambda cu: torch.tensor(cu, dtype=torch.int32)
+    ref = reference_varlen(q, k, v, i32(cu_q), i32(cu_k), max(n_q), max(n_k), True,
+                           (window - 1 if window else -1, 0), gqa_ok=True)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+    grid = len(lengths) * max(n_q) * max(n_k) <= 2 * sum(a * b for a, b in lengths)
+    assert grid == (lengths[0] == (4, 5))          # the two cases take the two ways

@@ -99,7 +99,7 @@ def test_profile_names_every_phase_of_the_step(capsys):
     text = capsys.readouterr().out
     for phase in step.PHASES:
         assert f"| {phase} |" in text
-    assert "one call per segment under its own mask" in text and "top operators" in text
+    assert "model.py's CPU path (segments on a padded grid" in text and "top operators" in text
 
 
 def test_scaling_plot_draws_measured_and_stopped_rows(tmp_path):
