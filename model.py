@@ -483,8 +483,8 @@ def pick_attention(requested: str | None, device: torch.device, dtype: torch.dty
 @dataclass
 class Layout:
     """Everything attention needs besides q, k, v, built once per forward for all blocks. A packed batch: `calls`,
-    each (q_index, kv_index, cu_q, cu_k, max_q, max_k) (see _varlen_layout), run by the `backend` kernel (SDPA: one
-    call per segment). A batched one (forward, generate): one SDPA call under a bool `mask` (True = attend)."""
+    each (q_index, kv_index, cu_q, cu_k, max_q, max_k) (see _varlen_layout), run by the `backend` kernel (SDPA: see
+    _sdpa_call). A batched one (forward, generate): one SDPA call under a bool `mask` (True = attend)."""
     backend: str
     window: int | None = None
     mask: torch.Tensor | None = None
@@ -564,7 +564,7 @@ def _varlen_layout(seg_lens: torch.Tensor, window: int | None, backend: str, dev
     p + k), as the varlen kernels do when query and key lengths differ. Positions run 0..p+c-1 and p..p+r-1 (the
     contract), so index distance inside each call is position distance, and window_size is the window."""
     p, c, r = seg_lens.unbind(1)
-    def cu(lens):   # (S + 1,) starts; as Python ints for the SDPA path's loop (no host sync, nothing to trace)
+    def cu(lens):   # (S + 1,) starts; Python ints for the SDPA path (its grid sizes: no host sync, nothing to trace)
         starts = F.pad(torch.cumsum(lens, 0), (1, 0))
         return starts.tolist() if backend == "sdpa" else starts.to(device=device, dtype=torch.int32)
     cu_main, max_main = cu((p + c)[p + c > 0]), int((p + c).max())
